@@ -1,0 +1,3 @@
+"""Durable campaign-node scheduler on Redis-backed BullMQ queues."""
+
+__version__ = "0.1.0"
