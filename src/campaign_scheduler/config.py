@@ -44,11 +44,14 @@ _HINTS: dict[str, tuple[str, str]] = {
     "holiday_country": ("SCHEDULER_HOLIDAY_COUNTRY", "an ISO country code such as US or FR"),
     "data_dir": ("SCHEDULER_DATA_DIR", "a writable folder"),
     "log_level": ("SCHEDULER_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR"),
+    "handler_modules": ("SCHEDULER_HANDLER_MODULES", "comma-separated importable module names"),
 }
+
+_BY_VAR = {var: (var, good) for var, good in _HINTS.values()}
 
 
 def _env(name: str) -> Any:
-    return Field(validation_alias=AliasChoices(name, name.lower()))
+    return Field(None, validation_alias=AliasChoices(name, name.lower()))
 
 
 class Settings(BaseSettings):
@@ -80,6 +83,8 @@ class Settings(BaseSettings):
     holiday_country: str | None = Field(None, validation_alias="SCHEDULER_HOLIDAY_COUNTRY")
     data_dir: Path = Field(Path(DEFAULT_DATA_DIR), validation_alias="SCHEDULER_DATA_DIR")
     log_level: str = Field("INFO", validation_alias="SCHEDULER_LOG_LEVEL")
+    # Modules with a `register(registry)` function that adds node handlers by kind.
+    handler_modules: str = Field("", validation_alias="SCHEDULER_HANDLER_MODULES")
 
     @field_validator("redis_url")
     @classmethod
@@ -165,7 +170,7 @@ def load_settings(**overrides: Any) -> Settings:
         problems = []
         for err in exc.errors():
             field = str(err["loc"][0]) if err["loc"] else "?"
-            var, good = _HINTS.get(field, (field.upper(), "a valid value"))
+            var, good = _HINTS.get(field) or _BY_VAR.get(field.upper(), (field, "a valid value"))
             msg = str(err["msg"]).removeprefix("Value error, ")
             problems.append(f"{var}={err.get('input')!r} is invalid ({msg}); set it to {good}")
         raise ConfigError("; ".join(problems)) from None

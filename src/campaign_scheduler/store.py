@@ -76,7 +76,7 @@ class StateStore:
                 yield s
         except (OperationalError, InterfaceError) as exc:
             raise BackendUnavailable(
-                f"database {self.url} is unavailable ({str(exc.orig or exc).strip()[:200]}); "
+                f"database {self.url} is unavailable ({' '.join(str(exc.orig or exc).split())[:200]}); "
                 "start it or correct DATABASE_URL - nothing was changed, retry when it is back"
             ) from exc
         except DBAPIError as exc:

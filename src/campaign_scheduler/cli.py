@@ -1,0 +1,279 @@
+"""`campaign-scheduler`: run everything on embedded defaults, or one part at a time."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from . import __version__, logs
+from .config import Settings, load_settings
+from .connections import Queues, describe_redis
+from .db import NodeTransition, describe_url
+from .embedded import EmbeddedRedis
+from .errors import SchedulerError
+from .store import StateStore
+from .timewindows import ensure_utc, utcnow
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _fmt(t: NodeTransition) -> str:
+    src = t.from_state or "-"
+    err = f"  [{t.error_type}: {t.error_message}]" if t.error_type else ""
+    return (
+        f"{t.at:%H:%M:%S.%f}"[:-3]
+        + f"  {t.campaign_id}/{t.node_id}/{t.product_user_id}  {src} -> {t.to_state}"
+        + f"  ({t.reason}, attempt {t.attempt}){err}"
+    )
+
+
+# ---- run: everything on embedded defaults --------------------------------------------------
+
+
+async def _seed_demo(worker: object, store: StateStore, users: int) -> list[tuple[str, datetime]]:
+    from .worker import SchedulerWorker
+
+    assert isinstance(worker, SchedulerWorker)
+    stamp = utcnow().strftime("%Y%m%d%H%M%S")
+    campaign_id = f"demo-{stamp}"
+    await store.create_campaign(
+        campaign_id,
+        "Demo campaign",
+        "demo-account",
+        timezone="Europe/Paris",
+        nodes=[(f"{campaign_id}-hello", "Log", {"message": "Hello from the demo campaign"})],
+    )
+    zones = ["Europe/Paris", "America/New_York", "Asia/Tokyo", "Australia/Sydney"]
+    due = []
+    for i in range(users):
+        pu = f"demo-user-{i + 1}"
+        await store.upsert_product_user(
+            pu, "demo-account", email=f"{pu}@example.test", timezone=zones[i % len(zones)]
+        )
+        run_at = utcnow() + timedelta(seconds=3 * (i + 1))
+        await worker.scheduling.schedule_campaign_node(
+            campaign_id, f"{campaign_id}-hello", "demo-account", pu, run_at
+        )
+        due.append((pu, run_at))
+    return due
+
+
+async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    from .migrate import upgrade
+    from .worker import SchedulerWorker, install_stop_signals
+
+    data_dir = settings.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "logs").mkdir(exist_ok=True)
+    log_file = data_dir / "logs" / "worker.log"
+    logs.setup(settings.log_level, log_file)
+    embedded = None
+    if not settings.redis_configured:
+        _say(f"starting a private Redis (data in {data_dir / 'redis'}) ...")
+        embedded = EmbeddedRedis.start(data_dir / "redis")
+        settings = settings.model_copy(update={"redis_url": embedded.url})
+    db_url = settings.resolved_database_url()
+    try:
+        _say(f"migrating the database {describe_url(db_url)} ...")
+        await asyncio.to_thread(upgrade, db_url)
+        stop = asyncio.Event()
+        install_stop_signals(stop)
+        store, queues = StateStore.from_url(db_url), Queues.open(settings)
+        worker = SchedulerWorker(settings, store, queues)
+        await worker.start()
+        _say(
+            "\ncampaign-scheduler is running\n"
+            f"  redis:    {describe_redis(settings)}"
+            f"{' (private, started by this command)' if embedded else ''}\n"
+            f"  database: {describe_url(db_url)}\n"
+            f"  logs:     {log_file}\n"
+            f"  queues:   {settings.queue_prefix}:campaign-execution, "
+            f"{settings.queue_prefix}:campaign-timeout\n"
+            "Press Ctrl-C to stop.\n"
+        )
+        pending: set[str] = set()
+        if args.demo:
+            due = await _seed_demo(worker, store, args.users)
+            for pu, at in due:
+                _say(f"scheduled demo node for {pu} at {at:%H:%M:%S.%f}"[:-3] + " UTC")
+                pending.add(pu)
+            _say("\naudit trail (live):")
+        last = max((t.id for t in await store.transitions_since(0, 100000)), default=0)
+        if args.demo:
+            last = 0
+        try:
+            while not stop.is_set():
+                for t in await store.transitions_since(last):
+                    last = t.id
+                    _say(_fmt(t))
+                    if t.to_state in ("COMPLETED", "FAILED", "TIMEOUT", "CANCELLED"):
+                        pending.discard(t.product_user_id)
+                if args.exit_when_done and args.demo and not pending:
+                    _say("all demo nodes finished; stopping.")
+                    break
+                try:
+                    await asyncio.wait_for(stop.wait(), 0.25)
+                except TimeoutError:
+                    pass
+        finally:
+            _say("stopping: finishing in-flight jobs ...")
+            await worker.close()
+            await queues.close()
+            await store.close()
+    finally:
+        if embedded:
+            embedded.stop()
+    _say("stopped cleanly.")
+    return 0
+
+
+# ---- the parts -----------------------------------------------------------------------------
+
+
+async def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    from .worker import serve
+
+    logs.setup(settings.log_level)
+    await serve(settings)
+    return 0
+
+
+async def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from .migrate import upgrade
+
+    url = settings.resolved_database_url()
+    await asyncio.to_thread(upgrade, url)
+    _say(f"database {describe_url(url)} is at the newest schema")
+    return 0
+
+
+async def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
+    from .worker import SchedulerWorker
+
+    store, queues = StateStore.from_url(settings.resolved_database_url()), Queues.open(settings)
+    try:
+        await queues.ping()
+        report = await SchedulerWorker(settings, store, queues).reconciler.run_once()
+        _say(" ".join(f"{k}={v}" for k, v in report.as_dict().items()))
+    finally:
+        await queues.close()
+        await store.close()
+    return 0
+
+
+async def cmd_schedule(settings: Settings, args: argparse.Namespace) -> int:
+    from .scheduling import SchedulingService
+
+    if args.at:
+        try:
+            run_at = ensure_utc(datetime.fromisoformat(args.at), "--at")
+        except ValueError:
+            raise SchedulerError(
+                f"--at {args.at!r} is not an ISO time: write e.g. 2026-12-01T09:00:00+01:00"
+            ) from None
+    else:
+        run_at = utcnow() + timedelta(seconds=args.in_seconds)
+    store, queues = StateStore.from_url(settings.resolved_database_url()), Queues.open(settings)
+    try:
+        row = await SchedulingService(store, queues, settings).schedule_campaign_node(
+            args.campaign, args.node, args.user, args.product_user, run_at
+        )
+        _say(f"scheduled {row.job_id} at {row.run_at:%Y-%m-%d %H:%M:%S} UTC (state {row.state})")
+    finally:
+        await queues.close()
+        await store.close()
+    return 0
+
+
+async def cmd_history(settings: Settings, args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    store = StateStore.from_url(settings.resolved_database_url())
+    try:
+        async with store.session() as s:
+            stmt = select(NodeTransition).where(NodeTransition.campaign_id == args.campaign)
+            if args.product_user:
+                stmt = stmt.where(NodeTransition.product_user_id == args.product_user)
+            rows = (await s.execute(stmt.order_by(NodeTransition.id).limit(args.limit))).scalars()
+            for t in rows:
+                _say(_fmt(t))
+    finally:
+        await store.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="campaign-scheduler",
+        description="Durable campaign-node scheduler on Redis-backed BullMQ queues. "
+        "Settings come from the environment (see README: Configuration).",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser(
+        "run",
+        help="everything on embedded defaults: private Redis, SQLite, migrations, worker",
+        description="Start a private Redis (unless REDIS_URL/REDIS_HOST is set), use a SQLite "
+        "file (unless DATABASE_URL is set), migrate, and run the worker until Ctrl-C.",
+    )
+    run.add_argument(
+        "--demo", action="store_true", help="schedule a demo campaign a few seconds ahead"
+    )
+    run.add_argument("--users", type=int, default=3, help="demo product users (default 3)")
+    run.add_argument(
+        "--exit-when-done", action="store_true", help="with --demo: stop once the demo finished"
+    )
+    sub.add_parser("worker", help="process both queues until SIGTERM/SIGINT")
+    sub.add_parser("migrate", help="bring the database to the newest schema")
+    sub.add_parser("reconcile", help="one reconciler pass: re-enqueue jobs Redis lost")
+    sch = sub.add_parser("schedule", help="schedule one node visit")
+    sch.add_argument("--campaign", required=True)
+    sch.add_argument("--node", required=True)
+    sch.add_argument("--user", required=True, help="owning account id")
+    sch.add_argument("--product-user", required=True)
+    when = sch.add_mutually_exclusive_group(required=True)
+    when.add_argument("--at", help="ISO time with offset, e.g. 2026-12-01T09:00:00+01:00")
+    when.add_argument("--in", dest="in_seconds", type=float, help="seconds from now")
+    hist = sub.add_parser("history", help="print the audit trail of a campaign")
+    hist.add_argument("--campaign", required=True)
+    hist.add_argument("--product-user")
+    hist.add_argument("--limit", type=int, default=1000)
+    return p
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "worker": cmd_worker,
+    "migrate": cmd_migrate,
+    "reconcile": cmd_reconcile,
+    "schedule": cmd_schedule,
+    "history": cmd_history,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings()
+        if args.command != "run":
+            Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+        return asyncio.run(COMMANDS[args.command](settings, args))
+    except SchedulerError as exc:
+        print(f"campaign-scheduler: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        logging.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

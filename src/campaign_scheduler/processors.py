@@ -1,0 +1,249 @@
+"""Job processors: what a worker does with an execution job and a timeout job.
+
+The database decides: a job only acts if its guarded transition wins. A duplicate job, a
+retry after a crash, or a timeout racing an execution therefore ends in exactly one terminal
+state, whatever order things happen in.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from bullmq import Job
+from bullmq.custom_errors import DelayedError, UnrecoverableError
+
+from .db import Campaign, CampaignNode, NodeStateRow, ProductUser
+from .errors import ConfigError, InvalidInput, NonRetryableError
+from .jobs import (
+    RECONCILE_JOB,
+    CampaignExecutionJob,
+    CampaignTimeoutJob,
+    execution_job_id,
+    parse_job,
+)
+from .logs import event
+from .reconciler import Reconciler
+from .scheduling import SchedulingService
+from .states import CampaignState, NodeState
+from .store import Actor, NodeKey, StateStore
+from .timewindows import utcnow
+
+log = logging.getLogger(__name__)
+
+EARLY_TOLERANCE = timedelta(seconds=1)
+
+
+@dataclass
+class NodeContext:
+    """Everything a node handler may need for one attempt."""
+
+    key: NodeKey
+    campaign: Campaign
+    node: CampaignNode
+    product_user: ProductUser
+    state: NodeStateRow
+    attempt: int
+    job_id: str
+    store: StateStore
+    scheduling: SchedulingService
+
+
+NodeHandler = Callable[[NodeContext], Awaitable[Any]]
+
+
+@dataclass
+class HandlerRegistry:
+    """Node handlers by node kind ("Wait", "Email", ...)."""
+
+    handlers: dict[str, NodeHandler] = field(default_factory=dict)
+
+    def register(self, kind: str, handler: NodeHandler) -> None:
+        self.handlers[kind] = handler
+
+    def get(self, kind: str) -> NodeHandler | None:
+        return self.handlers.get(kind)
+
+
+async def log_handler(ctx: NodeContext) -> dict[str, Any]:
+    """Built-in `Log` kind: writes the node's message. Used by the demo and smoke tests."""
+    message = str(ctx.node.config.get("message", f"node {ctx.node.id} ran"))
+    event(
+        log,
+        logging.INFO,
+        "log_node",
+        campaignId=ctx.key.campaign_id,
+        nodeId=ctx.key.node_id,
+        productUserId=ctx.key.product_user_id,
+        message=message,
+    )
+    return {"message": message}
+
+
+def default_registry(handler_modules: str = "") -> HandlerRegistry:
+    """The built-in kinds plus those registered by SCHEDULER_HANDLER_MODULES."""
+    registry = HandlerRegistry()
+    registry.register("Log", log_handler)
+    for name in filter(None, (m.strip() for m in handler_modules.split(","))):
+        try:
+            module = importlib.import_module(name)
+        except ImportError as exc:
+            raise ConfigError(
+                f"SCHEDULER_HANDLER_MODULES names {name!r}, which cannot be imported ({exc}): "
+                "check the module name and PYTHONPATH"
+            ) from None
+        register = getattr(module, "register", None)
+        if not callable(register):
+            raise ConfigError(
+                f"module {name!r} has no register(registry) function: add one that calls "
+                "registry.register(kind, handler)"
+            )
+        register(registry)
+    return registry
+
+
+class Processors:
+    def __init__(
+        self,
+        store: StateStore,
+        scheduling: SchedulingService,
+        registry: HandlerRegistry,
+        reconciler: Reconciler,
+        worker_name: str,
+    ) -> None:
+        self.store = store
+        self.scheduling = scheduling
+        self.registry = registry
+        self.reconciler = reconciler
+        self.worker_name = worker_name
+
+    # ---- execution ------------------------------------------------------------------------
+
+    async def execute(self, job: Job, token: str) -> dict[str, Any]:
+        try:
+            payload = parse_job(CampaignExecutionJob, job.data)
+        except InvalidInput as exc:
+            # Kept in the failed set with this reason, and logged: never silently dropped.
+            raise UnrecoverableError(str(exc)) from None
+        key = NodeKey(payload.campaign_id, payload.node_id, payload.product_user_id)
+        actor = Actor(self.worker_name, str(job.id))
+        row = await self.store.get_state(key)
+        if row is None:
+            raise UnrecoverableError(
+                f"{key} has no node state: schedule nodes through SchedulingService "
+                "(which writes the state before the job)"
+            )
+        if NodeState(row.state) in (NodeState.PENDING,) and row.run_at is not None:
+            if row.run_at - utcnow() > EARLY_TOLERANCE:
+                # The visit was rescheduled later after this job was queued: wait for it.
+                await job.moveToDelayed(int(row.run_at.timestamp() * 1000), token)
+                raise DelayedError()
+        started = await self.store.start_run(row.id, str(job.id), token, actor)
+        if started is None:
+            event(log, logging.INFO, "execution_skipped", jobId=job.id, state=row.state)
+            return {"skipped": True, "state": row.state}
+        return await self._run(job, token, key, started, actor)
+
+    async def _run(
+        self, job: Job, token: str, key: NodeKey, row: NodeStateRow, actor: Actor
+    ) -> dict[str, Any]:
+        campaign, node, user = await self.store.require_visit_parts(key)
+        if campaign.state != CampaignState.RUNNING:
+            await self.store.transition(
+                row.id,
+                {NodeState.RUNNING},
+                NodeState.CANCELLED,
+                f"campaign_{campaign.state.lower()}",
+                actor,
+                token=token,
+                values={"completed_at": utcnow()},
+            )
+            return {"state": NodeState.CANCELLED.value, "reason": f"campaign is {campaign.state}"}
+        handler = self.registry.get(node.kind)
+        max_attempts = int(job.opts.get("attempts", 1))
+        final = job.attemptsMade + 1 >= max_attempts
+        if handler is None:
+            err = NonRetryableError(
+                f"no handler for node kind {node.kind!r}: register one in the HandlerRegistry"
+            )
+            await self._fail(row, token, actor, err, final=True)
+            raise UnrecoverableError(str(err))
+        ctx = NodeContext(
+            key, campaign, node, user, row, row.attempts, str(job.id), self.store, self.scheduling
+        )
+        started = time.monotonic()
+        try:
+            result = await handler(ctx)
+        except NonRetryableError as exc:
+            await self._fail(row, token, actor, exc, final=True)
+            raise UnrecoverableError(f"{type(exc).__name__}: {exc}") from exc
+        except Exception as exc:
+            await self._fail(row, token, actor, exc, final=final)
+            raise
+        done = await self.store.transition(
+            row.id,
+            {NodeState.RUNNING},
+            NodeState.COMPLETED,
+            "completed",
+            actor,
+            token=token,
+            values={"completed_at": utcnow()},
+        )
+        if done is None:
+            # A timeout or cancel won the race while the handler ran; its state stands.
+            current = await self.store.get_state_by_id(row.id)
+            return {"state": current.state if current else "unknown", "lostRace": True}
+        return {
+            "state": NodeState.COMPLETED.value,
+            "handlerMs": round((time.monotonic() - started) * 1000, 1),
+            "result": result if isinstance(result, (dict, str, int, float, bool)) else None,
+        }
+
+    async def _fail(
+        self, row: NodeStateRow, token: str, actor: Actor, exc: BaseException, *, final: bool
+    ) -> None:
+        await self.store.transition(
+            row.id,
+            {NodeState.RUNNING},
+            NodeState.FAILED if final else NodeState.PENDING,
+            "failed" if final else "retry_scheduled",
+            actor,
+            token=token,
+            values={"completed_at": utcnow()} if final else {},
+            error=exc,
+        )
+
+    # ---- timeout queue --------------------------------------------------------------------
+
+    async def timeout(self, job: Job, token: str) -> dict[str, Any]:
+        if job.name == RECONCILE_JOB:
+            report = await self.reconciler.run_once()
+            return report.as_dict()
+        try:
+            payload = parse_job(CampaignTimeoutJob, job.data)
+        except InvalidInput as exc:
+            raise UnrecoverableError(str(exc)) from None
+        key = NodeKey(payload.campaign_id, payload.node_id, payload.product_user_id)
+        row = await self.store.get_state(key)
+        if row is None:
+            raise UnrecoverableError(f"{key} has no node state: nothing can time out")
+        won = await self.store.transition(
+            row.id,
+            {NodeState.PENDING, NodeState.RUNNING},
+            NodeState.TIMEOUT,
+            "timed_out",
+            Actor(self.worker_name, str(job.id)),
+            values={"did_timeout": True, "completed_at": utcnow()},
+        )
+        if won is None:
+            return {"skipped": True, "state": row.state}  # finished first: left alone
+        await self.scheduling.queues.remove(
+            self.scheduling.queues.execution,
+            execution_job_id(key.campaign_id, key.node_id, key.product_user_id),
+        )
+        return {"state": NodeState.TIMEOUT.value}

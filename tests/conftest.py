@@ -1,0 +1,197 @@
+"""Shared fixtures: a private Redis per test session, SQLite and PostgreSQL databases made
+fresh for the session, and a unique queue prefix per test so tests never see each other."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from sqlalchemy.engine import make_url
+
+from campaign_scheduler.config import Settings, load_settings
+from campaign_scheduler.connections import Queues
+from campaign_scheduler.embedded import EmbeddedRedis
+from campaign_scheduler.errors import NonRetryableError
+from campaign_scheduler.migrate import upgrade
+from campaign_scheduler.processors import HandlerRegistry, NodeContext, default_registry
+from campaign_scheduler.store import StateStore
+from campaign_scheduler.worker import SchedulerWorker
+
+PG_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis.start(tmp_path_factory.mktemp("redis"), persist=False)
+    yield server
+    server.stop()
+
+
+def _create_pg_database() -> str:
+    name = f"cs_test_{uuid.uuid4().hex[:12]}"
+    try:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError as exc:
+        pytest.fail(
+            f"PostgreSQL at {PG_ADMIN_URL} is not reachable ({exc}); scripts/test starts it, "
+            "or set TEST_POSTGRES_URL"
+        )
+    return make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+
+
+def _drop_pg_database(url: str) -> None:
+    name = make_url(url).database
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def db_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'test.db'}"
+        upgrade(url)
+        yield url
+    else:
+        url = _create_pg_database()
+        upgrade(url)
+        yield url
+        _drop_pg_database(url)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def settings(redis_server: EmbeddedRedis, db_url: str, tmp_path: Path) -> Settings:
+    return load_settings(
+        redis_url=redis_server.url,
+        database_url=db_url,
+        queue_prefix=new_id("t"),
+        lock_duration_ms=5000,
+        stalled_interval_ms=5000,
+        reconcile_every_ms=60000,
+        reconcile_grace_ms=0,
+        data_dir=tmp_path,
+    )
+
+
+@pytest.fixture
+async def store(db_url: str) -> AsyncIterator[StateStore]:
+    s = StateStore.from_url(db_url)
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+async def queues(settings: Settings) -> AsyncIterator[Queues]:
+    q = Queues.open(settings)
+    yield q
+    keys = [k async for k in q.client.scan_iter(match=f"{settings.queue_prefix}:*")]
+    if keys:
+        await q.client.delete(*keys)
+    await q.close()
+
+
+@dataclass
+class Calls:
+    """What the `Test` handler saw, per (campaign, node, product user)."""
+
+    started: dict[tuple[str, str, str], int]
+    finished: dict[tuple[str, str, str], int]
+
+    def count(self, key: tuple[str, str, str]) -> int:
+        return self.finished.get(key, 0)
+
+
+@pytest.fixture
+def calls() -> Calls:
+    return Calls({}, {})
+
+
+@pytest.fixture
+def registry(calls: Calls) -> HandlerRegistry:
+    """`Test` kind: config {"sleep": s, "fail_times": n, "nonretryable": bool}."""
+    reg = default_registry()
+
+    async def test_handler(ctx: NodeContext) -> dict[str, Any]:
+        key = (ctx.key.campaign_id, ctx.key.node_id, ctx.key.product_user_id)
+        calls.started[key] = calls.started.get(key, 0) + 1
+        cfg = ctx.node.config
+        if cfg.get("sleep"):
+            await asyncio.sleep(float(cfg["sleep"]))
+        if cfg.get("nonretryable"):
+            raise NonRetryableError("the remote side said no (4xx)")
+        if ctx.attempt <= int(cfg.get("fail_times", 0)):
+            raise RuntimeError(f"planned failure on attempt {ctx.attempt}")
+        calls.finished[key] = calls.finished.get(key, 0) + 1
+        return {"attempt": ctx.attempt}
+
+    reg.register("Test", test_handler)
+    return reg
+
+
+@pytest.fixture
+async def worker(
+    settings: Settings, store: StateStore, queues: Queues, registry: HandlerRegistry
+) -> AsyncIterator[SchedulerWorker]:
+    w = SchedulerWorker(settings, store, queues, registry, name=new_id("w"))
+    await w.start()
+    yield w
+    await w.close()
+
+
+@dataclass
+class Visit:
+    campaign_id: str
+    node_id: str
+    user_id: str
+    product_user_id: str
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.campaign_id, self.node_id, self.product_user_id)
+
+
+async def make_visit(
+    store: StateStore,
+    kind: str = "Test",
+    config: dict[str, Any] | None = None,
+    *,
+    user_tz: str | None = None,
+    campaign_tz: str | None = None,
+    users: int = 1,
+) -> list[Visit]:
+    campaign_id, node_id, account = new_id("c"), new_id("n"), new_id("acct")
+    await store.create_campaign(
+        campaign_id, "test", account, timezone=campaign_tz, nodes=[(node_id, kind, config or {})]
+    )
+    visits = []
+    for _ in range(users):
+        pu = new_id("pu")
+        await store.upsert_product_user(pu, account, email=f"{pu}@example.test", timezone=user_tz)
+        visits.append(Visit(campaign_id, node_id, account, pu))
+    return visits
+
+
+async def wait_for(
+    check: Callable[[], Awaitable[bool]], timeout: float = 20.0, every: float = 0.05
+) -> None:
+    """Poll until `check` is true; fail the test after `timeout` seconds (a hang guard)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await check():
+            return
+        await asyncio.sleep(every)
+    raise AssertionError(f"condition not met within {timeout} s")
