@@ -75,8 +75,9 @@ class StateStore:
             async with self.sessions() as s, s.begin():
                 yield s
         except (OperationalError, InterfaceError) as exc:
+            reason = " ".join(str(exc.orig or exc).split())[:200]  # one line, whatever the driver
             raise BackendUnavailable(
-                f"database {self.url} is unavailable ({' '.join(str(exc.orig or exc).split())[:200]}); "
+                f"database {self.url} is unavailable ({reason}); "
                 "start it or correct DATABASE_URL - nothing was changed, retry when it is back"
             ) from exc
         except DBAPIError as exc:
