@@ -40,7 +40,7 @@ async def test_node_runs_at_its_due_time(worker: SchedulerWorker, store: StateSt
     await worker.scheduling.schedule_campaign_node(*v.key[:2], v.user_id, v.product_user_id, due)
     await wait_for(lambda: _is(store, v, "COMPLETED"), timeout=15)
     row = await _state(store, v)
-    started = [t for t in await store.history(row.id) if t.to_state == "RUNNING"][0].at
+    started = next(t for t in await store.history(row.id) if t.to_state == "RUNNING").at
     assert timedelta(0) <= started - due < timedelta(milliseconds=500)
     assert row.attempts == 1 and row.completed_at is not None
     assert await _reasons(store, v) == [
