@@ -16,6 +16,7 @@ from .connections import Queues, describe_redis
 from .db import NodeTransition, describe_url
 from .embedded import EmbeddedRedis
 from .errors import SchedulerError
+from .processors import default_registry
 from .store import StateStore
 from .timewindows import ensure_utc, utcnow
 
@@ -263,6 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings()
+        default_registry(settings.handler_modules)  # a bad handler module fails here, first
         if args.command != "run":
             Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
         return asyncio.run(COMMANDS[args.command](settings, args))
