@@ -1,10 +1,12 @@
-"""Shared fixtures: a private Redis per test session, SQLite and PostgreSQL databases made
-fresh for the session, and a unique queue prefix per test so tests never see each other."""
+"""Shared fixtures: a private Redis per test session, a fresh SQLite or PostgreSQL database
+per test (cloned from a migrated template), and a unique queue prefix per test, so tests
+never see each other's rows or jobs."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -35,38 +37,50 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedR
     server.stop()
 
 
-def _create_pg_database() -> str:
-    name = f"cs_test_{uuid.uuid4().hex[:12]}"
+def _pg_admin(sql: str) -> None:
     try:
         with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
+            conn.execute(sql)  # type: ignore[arg-type]
     except psycopg.OperationalError as exc:
         pytest.fail(
             f"PostgreSQL at {PG_ADMIN_URL} is not reachable ({exc}); scripts/test starts it, "
             "or set TEST_POSTGRES_URL"
         )
+
+
+def _pg_url(name: str) -> str:
     return make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
 
 
-def _drop_pg_database(url: str) -> None:
-    name = make_url(url).database
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 @pytest.fixture(scope="session", params=["sqlite", "postgresql"])
-def db_url(
+def db_template(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
+) -> Iterator[tuple[str, str]]:
+    """A migrated database per backend, cloned for every test (so tests never share rows)."""
     if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'test.db'}"
-        upgrade(url)
-        yield url
+        path = tmp_path_factory.mktemp("db") / "template.db"
+        upgrade(f"sqlite:///{path}")
+        yield ("sqlite", str(path))
     else:
-        url = _create_pg_database()
-        upgrade(url)
-        yield url
-        _drop_pg_database(url)
+        name = f"cs_tpl_{uuid.uuid4().hex[:12]}"
+        _pg_admin(f'CREATE DATABASE "{name}"')
+        upgrade(_pg_url(name))
+        yield ("postgresql", name)
+        _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def db_url(db_template: tuple[str, str], tmp_path: Path) -> Iterator[str]:
+    backend, template = db_template
+    if backend == "sqlite":
+        path = tmp_path / "test.db"
+        shutil.copyfile(template, path)
+        yield f"sqlite:///{path}"
+    else:
+        name = f"cs_test_{uuid.uuid4().hex[:12]}"
+        _pg_admin(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+        yield _pg_url(name)
+        _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def new_id(prefix: str) -> str:

@@ -178,10 +178,11 @@ def _sqlite_path(url: str) -> Path | None:
     return None
 
 
-def configure_sqlite(sync_engine: Any) -> None:
-    """WAL and a busy timeout let several worker processes share one file; BEGIN IMMEDIATE
-    takes the write lock up front so a read-then-write transaction never hits SQLITE_BUSY
-    on lock upgrade (which the busy timeout does not cover)."""
+def configure_sqlite(sync_engine: Any, *, writer: bool = True) -> None:
+    """WAL and a busy timeout let several worker processes share one file. A writer's
+    BEGIN IMMEDIATE takes the write lock up front, so a read-then-write transaction never hits
+    SQLITE_BUSY on lock upgrade (which the busy timeout does not cover); readers use a plain
+    BEGIN and, under WAL, never wait for the writer."""
 
     @event.listens_for(sync_engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -189,22 +190,27 @@ def configure_sqlite(sync_engine: Any) -> None:
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
 
     @event.listens_for(sync_engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
 
 
-def make_engine(url: str) -> AsyncEngine:
+def make_engine(url: str, *, writer: bool = True) -> AsyncEngine:
     path = _sqlite_path(url)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         engine = create_async_engine(async_url(url), connect_args={"timeout": 30})
-        configure_sqlite(engine.sync_engine)
+        configure_sqlite(engine.sync_engine, writer=writer)
         return engine
     return create_async_engine(async_url(url), pool_pre_ping=True, pool_size=10, max_overflow=10)
+
+
+def is_sqlite(url: str) -> bool:
+    return make_url(url).get_backend_name() == "sqlite"
 
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[Any]:

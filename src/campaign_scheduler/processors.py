@@ -31,7 +31,7 @@ from .logs import event
 from .reconciler import Reconciler
 from .scheduling import SchedulingService
 from .states import CampaignState, NodeState
-from .store import Actor, NodeKey, StateStore
+from .store import Actor, NodeKey, StartResult, StateStore
 from .timewindows import utcnow
 
 log = logging.getLogger(__name__)
@@ -132,27 +132,33 @@ class Processors:
             raise UnrecoverableError(str(exc)) from None
         key = NodeKey(payload.campaign_id, payload.node_id, payload.product_user_id)
         actor = Actor(self.worker_name, str(job.id))
-        row = await self.store.get_state(key)
-        if row is None:
+        start = await self.store.start_run(
+            key, str(job.id), token, actor, not_before=utcnow() + EARLY_TOLERANCE
+        )
+        if start.outcome == "missing":
             raise UnrecoverableError(
                 f"{key} has no node state: schedule nodes through SchedulingService "
                 "(which writes the state before the job)"
             )
-        if NodeState(row.state) in (NodeState.PENDING,) and row.run_at is not None:
-            if row.run_at - utcnow() > EARLY_TOLERANCE:
-                # The visit was rescheduled later after this job was queued: wait for it.
-                await job.moveToDelayed(int(row.run_at.timestamp() * 1000), token)
-                raise DelayedError()
-        started = await self.store.start_run(row.id, str(job.id), token, actor)
-        if started is None:
-            event(log, logging.INFO, "execution_skipped", jobId=job.id, state=row.state)
-            return {"skipped": True, "state": row.state}
-        return await self._run(job, token, key, started, actor)
+        if start.outcome == "early" and start.row is not None and start.row.run_at is not None:
+            # The visit was rescheduled later after this job was queued: wait for it.
+            await job.moveToDelayed(int(start.row.run_at.timestamp() * 1000), token)
+            raise DelayedError()
+        if not start.started:
+            state = start.row.state if start.row else None
+            event(log, logging.INFO, "execution_skipped", jobId=job.id, state=state)
+            return {"skipped": True, "state": state}
+        return await self._run(job, token, key, start, actor)
 
     async def _run(
-        self, job: Job, token: str, key: NodeKey, row: NodeStateRow, actor: Actor
+        self, job: Job, token: str, key: NodeKey, start: StartResult, actor: Actor
     ) -> dict[str, Any]:
-        campaign, node, user = await self.store.require_visit_parts(key)
+        row, campaign, node, user = start.row, start.campaign, start.node, start.product_user
+        assert row is not None
+        if campaign is None or node is None or user is None:
+            err = NonRetryableError(f"{key}: its campaign, node or product user was deleted")
+            await self._fail(row, token, actor, err, final=True)
+            raise UnrecoverableError(str(err))
         if campaign.state != CampaignState.RUNNING:
             await self.store.transition(
                 row.id,

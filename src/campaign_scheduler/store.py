@@ -8,6 +8,8 @@ A caller that loses the race gets None and must treat the work as someone else's
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import socket
 from collections.abc import AsyncIterator, Collection, Sequence
@@ -19,6 +21,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.orm.attributes import set_committed_value
 
 from .db import (
     Campaign,
@@ -27,6 +30,7 @@ from .db import (
     NodeTransition,
     ProductUser,
     describe_url,
+    is_sqlite,
     make_engine,
     make_sessionmaker,
 )
@@ -48,6 +52,22 @@ class NodeKey:
 
 
 @dataclass(frozen=True)
+class StartResult:
+    """What `start_run` did: `outcome` is started, taken_over, early, missing or
+    not_startable; on a start, the visit's campaign, node and product user come along."""
+
+    row: NodeStateRow | None
+    outcome: str
+    campaign: Campaign | None = None
+    node: CampaignNode | None = None
+    product_user: ProductUser | None = None
+
+    @property
+    def started(self) -> bool:
+        return self.outcome in ("started", "taken_over")
+
+
+@dataclass(frozen=True)
 class Actor:
     """Who makes a change, for the audit trail."""
 
@@ -56,23 +76,42 @@ class Actor:
 
 
 class StateStore:
-    def __init__(self, engine: AsyncEngine, url: str | None = None) -> None:
+    def __init__(
+        self, engine: AsyncEngine, url: str | None = None, read_engine: AsyncEngine | None = None
+    ) -> None:
         self.engine = engine
+        self.read_engine = read_engine or engine
         self.sessions = make_sessionmaker(engine)
+        self.read_sessions = make_sessionmaker(self.read_engine)
         self.url = describe_url(url or str(engine.url))
+        # SQLite has one writer at a time; queueing our own writers here is far cheaper than
+        # letting them spin in SQLite's busy handler (other processes still use it).
+        self._write_lock: asyncio.Lock | None = (
+            asyncio.Lock() if engine.dialect.name == "sqlite" else None
+        )
 
     @classmethod
     def from_url(cls, url: str) -> StateStore:
-        return cls(make_engine(url), url)
+        # SQLite: a separate pool whose transactions do not take the write lock.
+        reader = make_engine(url, writer=False) if is_sqlite(url) else None
+        return cls(make_engine(url), url, reader)
 
     async def close(self) -> None:
         await self.engine.dispose()
+        if self.read_engine is not self.engine:
+            await self.read_engine.dispose()
 
     @asynccontextmanager
-    async def session(self) -> AsyncIterator[AsyncSession]:
+    async def session(self, readonly: bool = False) -> AsyncIterator[AsyncSession]:
         """A transaction; connection trouble becomes BackendUnavailable with the fix in it."""
+        maker = self.read_sessions if readonly else self.sessions
+        lock = None if readonly else self._write_lock
         try:
-            async with self.sessions() as s, s.begin():
+            async with contextlib.AsyncExitStack() as stack:
+                if lock is not None:
+                    await stack.enter_async_context(lock)
+                s = await stack.enter_async_context(maker())
+                await stack.enter_async_context(s.begin())
                 yield s
         except (OperationalError, InterfaceError) as exc:
             reason = " ".join(str(exc.orig or exc).split())[:200]  # one line, whatever the driver
@@ -88,7 +127,7 @@ class StateStore:
             raise
 
     async def ping(self) -> None:
-        async with self.session() as s:
+        async with self.session(readonly=True) as s:
             await s.execute(select(1))
 
     # ---- campaigns, nodes, product users ----------------------------------------------
@@ -163,20 +202,20 @@ class StateStore:
         return pu
 
     async def get_campaign(self, campaign_id: str) -> Campaign | None:
-        async with self.session() as s:
+        async with self.session(readonly=True) as s:
             return await s.get(Campaign, campaign_id)
 
     async def get_node(self, node_id: str) -> CampaignNode | None:
-        async with self.session() as s:
+        async with self.session(readonly=True) as s:
             return await s.get(CampaignNode, node_id)
 
     async def get_product_user(self, product_user_id: str) -> ProductUser | None:
-        async with self.session() as s:
+        async with self.session(readonly=True) as s:
             return await s.get(ProductUser, product_user_id)
 
     async def require_visit_parts(self, key: NodeKey) -> tuple[Campaign, CampaignNode, ProductUser]:
         """The campaign, node and product user a visit names, or NotFound naming the missing one."""
-        async with self.session() as s:
+        async with self.session(readonly=True) as s:
             campaign = await s.get(Campaign, key.campaign_id)
             node = await s.get(CampaignNode, key.node_id)
             user = await s.get(ProductUser, key.product_user_id)
@@ -191,11 +230,11 @@ class StateStore:
     # ---- node states --------------------------------------------------------------------
 
     async def get_state(self, key: NodeKey) -> NodeStateRow | None:
-        async with self.session() as s:
+        async with self.session(readonly=True) as s:
             return await self._by_key(s, key)
 
     async def get_state_by_id(self, node_state_id: int) -> NodeStateRow | None:
-        async with self.session() as s:
+        async with self.session(readonly=True) as s:
             return await s.get(NodeStateRow, node_state_id)
 
     @staticmethod
@@ -210,7 +249,7 @@ class StateStore:
         return (await s.execute(stmt)).scalar_one_or_none()
 
     async def history(self, node_state_id: int) -> list[NodeTransition]:
-        async with self.session() as s:
+        async with self.session(readonly=True) as s:
             rows = await s.execute(
                 select(NodeTransition)
                 .where(NodeTransition.node_state_id == node_state_id)
@@ -219,7 +258,7 @@ class StateStore:
             return list(rows.scalars())
 
     async def transitions_since(self, after_id: int, limit: int = 500) -> list[NodeTransition]:
-        async with self.session() as s:
+        async with self.session(readonly=True) as s:
             rows = await s.execute(
                 select(NodeTransition)
                 .where(NodeTransition.id > after_id)
@@ -247,7 +286,7 @@ class StateStore:
             stmt = stmt.where(NodeStateRow.updated_at < updated_before)
         if campaign_id is not None:
             stmt = stmt.where(NodeStateRow.campaign_id == campaign_id)
-        async with self.session() as s:
+        async with self.session(readonly=True) as s:
             return list((await s.execute(stmt)).scalars())
 
     async def schedule_pending(
@@ -358,25 +397,37 @@ class StateStore:
             )
 
     async def start_run(
-        self, node_state_id: int, job_id: str, token: str, actor: Actor
-    ) -> NodeStateRow | None:
-        """PENDING -> RUNNING for this attempt; or RUNNING -> RUNNING when BullMQ hands the same
-        job to a new worker after the previous one lost its lock (crash or stall)."""
+        self, key: NodeKey, job_id: str, token: str, actor: Actor, *, not_before: datetime
+    ) -> StartResult:
+        """PENDING -> RUNNING for this attempt, or RUNNING -> RUNNING when BullMQ hands the same
+        job to a new worker after the previous one lost its lock (crash or stall).
+
+        One transaction also loads what the handler needs. A visit due after `not_before` is
+        not started (the job fired early: the visit was rescheduled later).
+        """
         async with self.session() as s:
-            row = await s.get(NodeStateRow, node_state_id, with_for_update=True)
+            row = await self._by_key(s, key, lock=True)
             if row is None:
-                return None
+                return StartResult(None, "missing")
             src = NodeState(row.state)
+            if src == NodeState.PENDING and row.run_at is not None and row.run_at > not_before:
+                return StartResult(row, "early")
             if src == NodeState.PENDING:
                 reason = "started"
             elif src == NodeState.RUNNING and row.job_id == job_id and row.run_token != token:
                 reason = "taken_over"
             else:
-                return None
+                return StartResult(row, "not_startable")
             values = {"attempts": row.attempts + 1, "run_token": token, "job_id": job_id}
-            return await self._apply(
+            won = await self._apply(
                 s, row, src, NodeState.RUNNING, reason, actor, values, None, row.run_token
             )
+            if won is None:
+                return StartResult(row, "not_startable")
+            campaign = await s.get(Campaign, key.campaign_id)
+            node = await s.get(CampaignNode, key.node_id)
+            user = await s.get(ProductUser, key.product_user_id)
+            return StartResult(won, reason, campaign, node, user)
 
     async def _apply(
         self,
@@ -405,7 +456,10 @@ class StateStore:
         )
         if res.rowcount != 1:  # type: ignore[attr-defined]
             return None
-        await s.refresh(row)
+        # Mirror the UPDATE on the loaded row without marking it dirty (no second UPDATE,
+        # no re-SELECT).
+        for name, value in {"state": to.value, "updated_at": now, **values}.items():
+            set_committed_value(row, name, value)
         self._audit(s, row, src, to, reason, actor, actor.job_id, error)
         return row
 

@@ -81,7 +81,14 @@ async def test_running_node_whose_job_vanished_is_recovered(
     )
     # Simulate a worker that marked the node RUNNING and then vanished with its job.
 
-    await worker.store.start_run(row.id, row.job_id or "", "dead-token", Actor("ghost"))
+    started = await worker.store.start_run(
+        NodeKey(*v.key),
+        row.job_id or "",
+        "dead-token",
+        Actor("ghost"),
+        not_before=utcnow() + timedelta(hours=2),
+    )
+    assert started.started
     await worker.queues.execution.remove(row.job_id)
     report = await worker.reconciler.run_once()
     assert report.recovered == 1

@@ -218,10 +218,9 @@ async def test_timeout_after_completion_is_left_alone(
 ) -> None:
     (v,) = await make_visit(store)
     s = worker.scheduling
-    await s.schedule_campaign_node(*v.key[:2], v.user_id, v.product_user_id, utcnow())
-    await s.schedule_timeout(
-        *v.key[:2], v.user_id, v.product_user_id, utcnow() + timedelta(seconds=1)
-    )
+    soon = utcnow() + timedelta(seconds=0.5)
+    await s.schedule_campaign_node(*v.key[:2], v.user_id, v.product_user_id, soon)
+    await s.schedule_timeout(*v.key[:2], v.user_id, v.product_user_id, soon + timedelta(seconds=1))
     await wait_for(lambda: _is(store, v, "COMPLETED"), timeout=10)
     q = worker.queues
     await wait_for(

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from campaign_scheduler.db import NodeStateRow
 from campaign_scheduler.errors import BackendUnavailable, StateConflict
 from campaign_scheduler.states import NodeState
 from campaign_scheduler.store import Actor, NodeKey, StateStore
@@ -14,6 +15,14 @@ from campaign_scheduler.timewindows import utcnow
 from tests.conftest import make_visit
 
 ACTOR = Actor(worker="test")
+FAR = utcnow() + timedelta(days=1)
+
+
+async def start(
+    store: StateStore, key: NodeKey, job: str, token: str, actor: Actor = ACTOR
+) -> NodeStateRow | None:
+    result = await store.start_run(key, job, token, actor, not_before=FAR)
+    return result.row if result.started else None
 
 
 async def _pending(store: StateStore) -> tuple[NodeKey, int]:
@@ -33,10 +42,8 @@ async def test_instants_come_back_aware_utc(store: StateStore) -> None:
 
 
 async def test_many_concurrent_starts_one_winner(store: StateStore) -> None:
-    _, sid = await _pending(store)
-    results = await asyncio.gather(
-        *(store.start_run(sid, f"job-{i}", f"token-{i}", ACTOR) for i in range(8))
-    )
+    key, sid = await _pending(store)
+    results = await asyncio.gather(*(start(store, key, f"job-{i}", f"token-{i}") for i in range(8)))
     winners = [r for r in results if r is not None]
     assert len(winners) == 1
     history = await store.history(sid)
@@ -48,8 +55,8 @@ async def test_many_concurrent_starts_one_winner(store: StateStore) -> None:
 
 async def test_concurrent_terminal_transitions_one_outcome(store: StateStore) -> None:
     # A completion, a timeout and a cancel race for the same running visit.
-    _, sid = await _pending(store)
-    row = await store.start_run(sid, "job-a", "tok-a", ACTOR)
+    key, sid = await _pending(store)
+    row = await start(store, key, "job-a", "tok-a")
     assert row is not None
     running = {NodeState.RUNNING}
     outcomes = await asyncio.gather(
@@ -65,13 +72,13 @@ async def test_concurrent_terminal_transitions_one_outcome(store: StateStore) ->
 
 
 async def test_stale_token_cannot_finish(store: StateStore) -> None:
-    _, sid = await _pending(store)
-    assert await store.start_run(sid, "job-a", "tok-1", ACTOR)
+    key, sid = await _pending(store)
+    assert await start(store, key, "job-a", "tok-1")
     # The same job handed to another worker after a stall: taken over with a new token.
-    taken = await store.start_run(sid, "job-a", "tok-2", ACTOR)
+    taken = await start(store, key, "job-a", "tok-2")
     assert taken is not None and taken.attempts == 2
     # A different job id (a duplicate) cannot take it over.
-    assert await store.start_run(sid, "job-b", "tok-3", ACTOR) is None
+    assert await start(store, key, "job-b", "tok-3") is None
     stale = await store.transition(
         sid, {NodeState.RUNNING}, NodeState.COMPLETED, "completed", ACTOR, token="tok-1"
     )
@@ -86,15 +93,15 @@ async def test_stale_token_cannot_finish(store: StateStore) -> None:
 
 async def test_finished_visits_are_history(store: StateStore) -> None:
     key, sid = await _pending(store)
-    await store.start_run(sid, "j", "t", ACTOR)
+    await start(store, key, "j", "t")
     await store.transition(sid, {NodeState.RUNNING}, NodeState.COMPLETED, "completed", ACTOR)
     with pytest.raises(StateConflict, match="COMPLETED.*history"):
         await store.schedule_pending(key, "acct", utcnow(), "j", ACTOR)
 
 
 async def test_audit_row_records_error_and_worker(store: StateStore) -> None:
-    _, sid = await _pending(store)
-    await store.start_run(sid, "j", "t", Actor(worker="w-7", job_id="j"))
+    key, sid = await _pending(store)
+    await start(store, key, "j", "t", Actor(worker="w-7", job_id="j"))
     await store.transition(
         sid,
         {NodeState.RUNNING},
