@@ -264,7 +264,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings()
-        default_registry(settings.handler_modules)  # a bad handler module fails here, first
+        default_registry(
+            settings, settings.handler_modules
+        )  # a bad handler module fails here, first
         if args.command != "run":
             Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
         return asyncio.run(COMMANDS[args.command](settings, args))

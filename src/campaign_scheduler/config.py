@@ -44,6 +44,13 @@ _HINTS: dict[str, tuple[str, str]] = {
     "holiday_country": ("SCHEDULER_HOLIDAY_COUNTRY", "an ISO country code such as US or FR"),
     "data_dir": ("SCHEDULER_DATA_DIR", "a writable folder"),
     "log_level": ("SCHEDULER_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR"),
+    "smtp_host": ("SMTP_HOST", "the mail server's host name"),
+    "smtp_port": ("SMTP_PORT", "a port number such as 25, 465, 587 or 1025"),
+    "smtp_tls": ("SMTP_TLS", "true or false"),
+    "smtp_starttls": ("SMTP_STARTTLS", "true or false"),
+    "smtp_timeout_s": ("SMTP_TIMEOUT_S", "seconds, more than 0"),
+    "email_from": ("EMAIL_FROM", "an address such as news@example.com"),
+    "message_id_domain": ("MESSAGE_ID_DOMAIN", "a domain name such as example.com"),
     "handler_modules": ("SCHEDULER_HANDLER_MODULES", "comma-separated importable module names"),
 }
 
@@ -83,6 +90,15 @@ class Settings(BaseSettings):
     holiday_country: str | None = Field(None, validation_alias="SCHEDULER_HOLIDAY_COUNTRY")
     data_dir: Path = Field(Path(DEFAULT_DATA_DIR), validation_alias="SCHEDULER_DATA_DIR")
     log_level: str = Field("INFO", validation_alias="SCHEDULER_LOG_LEVEL")
+    smtp_host: str = Field("127.0.0.1", validation_alias="SMTP_HOST")
+    smtp_port: int = Field(1025, ge=1, le=65535, validation_alias="SMTP_PORT")
+    smtp_username: str | None = Field(None, validation_alias="SMTP_USERNAME")
+    smtp_password: str | None = Field(None, validation_alias="SMTP_PASSWORD")
+    smtp_tls: bool = Field(False, validation_alias="SMTP_TLS")  # implicit TLS (port 465)
+    smtp_starttls: bool = Field(False, validation_alias="SMTP_STARTTLS")
+    smtp_timeout_s: float = Field(30, gt=0, validation_alias="SMTP_TIMEOUT_S")
+    email_from: str = Field("campaigns@localhost", validation_alias="EMAIL_FROM")
+    message_id_domain: str = Field("campaign-scheduler.local", validation_alias="MESSAGE_ID_DOMAIN")
     # Modules with a `register(registry)` function that adds node handlers by kind.
     handler_modules: str = Field("", validation_alias="SCHEDULER_HANDLER_MODULES")
 

@@ -124,8 +124,37 @@ class NodeStateRow(Base):
     run_token: Mapped[str | None] = mapped_column(String(200))  # lock token of the live attempt
     last_error_type: Mapped[str | None] = mapped_column(String(200))
     last_error: Mapped[str | None] = mapped_column(Text)
+    # What a handler delivered (e.g. the Message-ID of a sent email), written in the same
+    # transaction as the attempt's progress so a retry can see it and not deliver twice.
+    delivered_at: Mapped[datetime | None]
+    delivery: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class CampaignEntry(Base):
+    """A product user entered a campaign. The constraint makes "at most once" a fact."""
+
+    __tablename__ = "campaign_entries"
+    __table_args__ = (UniqueConstraint("campaign_id", "product_user_id", name="uq_entry"),)
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    campaign_id: Mapped[str] = mapped_column(ForeignKey("campaigns.id"), index=True)
+    product_user_id: Mapped[str] = mapped_column(ForeignKey("product_users.id"))
+    entry_node_id: Mapped[str] = mapped_column(String(100))
+    entered_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Event(Base):
+    """Something a product user did, as reported by the product."""
+
+    __tablename__ = "events"
+    __table_args__ = (Index("ix_events_user_name_at", "product_user_id", "name", "occurred_at"),)
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    product_user_id: Mapped[str] = mapped_column(ForeignKey("product_users.id"))
+    name: Mapped[str] = mapped_column(String(200))
+    properties: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    occurred_at: Mapped[datetime] = mapped_column(default=utcnow)
+    recorded_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class NodeTransition(Base):

@@ -18,7 +18,9 @@ from typing import Any
 from bullmq import Job
 from bullmq.custom_errors import DelayedError, UnrecoverableError
 
+from .config import Settings, load_settings
 from .db import Campaign, CampaignNode, NodeStateRow, ProductUser
+from .engine import CampaignEngine
 from .errors import ConfigError, InvalidInput, NonRetryableError
 from .jobs import (
     RECONCILE_JOB,
@@ -28,6 +30,7 @@ from .jobs import (
     parse_job,
 )
 from .logs import event
+from .nodes import Outcome
 from .reconciler import Reconciler
 from .scheduling import SchedulingService
 from .states import CampaignState, NodeState
@@ -50,6 +53,7 @@ class NodeContext:
     state: NodeStateRow
     attempt: int
     job_id: str
+    token: str
     store: StateStore
     scheduling: SchedulingService
 
@@ -85,10 +89,15 @@ async def log_handler(ctx: NodeContext) -> dict[str, Any]:
     return {"message": message}
 
 
-def default_registry(handler_modules: str = "") -> HandlerRegistry:
+def default_registry(
+    settings: Settings | None = None, handler_modules: str = ""
+) -> HandlerRegistry:
     """The built-in kinds plus those registered by SCHEDULER_HANDLER_MODULES."""
+    from .nodes import register_builtins
+
     registry = HandlerRegistry()
     registry.register("Log", log_handler)
+    register_builtins(registry, settings or load_settings())
     for name in filter(None, (m.strip() for m in handler_modules.split(","))):
         try:
             module = importlib.import_module(name)
@@ -115,8 +124,10 @@ class Processors:
         registry: HandlerRegistry,
         reconciler: Reconciler,
         worker_name: str,
+        engine: CampaignEngine,
     ) -> None:
         self.store = store
+        self.engine = engine
         self.scheduling = scheduling
         self.registry = registry
         self.reconciler = reconciler
@@ -180,8 +191,9 @@ class Processors:
             await self._fail(row, token, actor, err, final=True)
             raise UnrecoverableError(str(err))
         ctx = NodeContext(
-            key, campaign, node, user, row, row.attempts, str(job.id), self.store, self.scheduling
-        )
+            key, campaign, node, user, row, row.attempts, str(job.id), token, self.store,
+            self.scheduling,
+        )  # fmt: skip
         started = time.monotonic()
         try:
             result = await handler(ctx)
@@ -191,24 +203,34 @@ class Processors:
         except Exception as exc:
             await self._fail(row, token, actor, exc, final=final)
             raise
-        done = await self.store.transition(
-            row.id,
-            {NodeState.RUNNING},
-            NodeState.COMPLETED,
-            "completed",
-            actor,
-            token=token,
-            values={"completed_at": utcnow()},
+        outcome = (
+            result
+            if isinstance(result, Outcome)
+            else Outcome(result=result if isinstance(result, dict) else None)
+        )
+        if outcome.action == "wait":
+            assert outcome.timeout_at is not None
+            waiting = await self.engine.wait_for_match(row, token, outcome.timeout_at, actor)
+            if waiting is None:
+                return await self._lost(row)
+            return {"state": waiting.state, "timeoutAt": outcome.timeout_at.isoformat()}
+        to = NodeState.TIMEOUT if outcome.action == "timeout" else NodeState.COMPLETED
+        reason = "no_match" if outcome.action == "timeout" else "completed"
+        done = await self.engine.move_on(
+            row, to, reason, actor, token=token, expected={NodeState.RUNNING}
         )
         if done is None:
-            # A timeout or cancel won the race while the handler ran; its state stands.
-            current = await self.store.get_state_by_id(row.id)
-            return {"state": current.state if current else "unknown", "lostRace": True}
+            return await self._lost(row)
         return {
-            "state": NodeState.COMPLETED.value,
+            "state": done.state,
             "handlerMs": round((time.monotonic() - started) * 1000, 1),
-            "result": result if isinstance(result, (dict, str, int, float, bool)) else None,
+            "result": outcome.result,
         }
+
+    async def _lost(self, row: NodeStateRow) -> dict[str, Any]:
+        # A timeout or cancel won the race while the handler ran; its state stands.
+        current = await self.store.get_state_by_id(row.id)
+        return {"state": current.state if current else "unknown", "lostRace": True}
 
     async def _fail(
         self, row: NodeStateRow, token: str, actor: Actor, exc: BaseException, *, final: bool
@@ -238,13 +260,12 @@ class Processors:
         row = await self.store.get_state(key)
         if row is None:
             raise UnrecoverableError(f"{key} has no node state: nothing can time out")
-        won = await self.store.transition(
-            row.id,
-            {NodeState.PENDING, NodeState.RUNNING},
+        won = await self.engine.move_on(
+            row,
             NodeState.TIMEOUT,
             "timed_out",
             Actor(self.worker_name, str(job.id)),
-            values={"did_timeout": True, "completed_at": utcnow()},
+            expected={NodeState.PENDING, NodeState.RUNNING, NodeState.WAITING},
         )
         if won is None:
             return {"skipped": True, "state": row.state}  # finished first: left alone

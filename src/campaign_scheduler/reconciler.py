@@ -57,7 +57,7 @@ class Reconciler:
         after = 0
         while True:
             rows = await self.store.list_states(
-                {NodeState.PENDING, NodeState.RUNNING},
+                {NodeState.PENDING, NodeState.RUNNING, NodeState.WAITING},
                 updated_before=cutoff,
                 after_id=after,
                 limit=BATCH,
@@ -68,7 +68,11 @@ class Reconciler:
             for row in rows:
                 report.checked += 1
                 state = NodeState(row.state)
-                job_state = await queues.job_state(queues.execution, row.job_id or "")
+                job_state = (
+                    await queues.job_state(queues.execution, row.job_id or "")
+                    if state != NodeState.WAITING  # a waiting filter only has a timeout job
+                    else "n/a"
+                )
                 if state == NodeState.PENDING and job_state in _GONE:
                     await self.scheduling.enqueue_execution(row)
                     report.requeued += 1

@@ -4,8 +4,9 @@ PENDING --run--> RUNNING --ok--> COMPLETED
    ^                |--error, attempts left--> PENDING (retried by BullMQ with backoff)
    |                |--error, last attempt / non-retryable--> FAILED
    |                `--worker lost (stall / reconciler)--> RUNNING (taken over, same job id)
-PENDING or RUNNING --timeout--> TIMEOUT
-PENDING or RUNNING --cancel--> CANCELLED
+RUNNING --filter not matched yet--> WAITING --matched--> COMPLETED
+PENDING, RUNNING or WAITING --timeout--> TIMEOUT
+PENDING, RUNNING or WAITING --cancel--> CANCELLED
 FAILED --manual retry--> PENDING
 """
 
@@ -17,6 +18,7 @@ from enum import StrEnum
 class NodeState(StrEnum):
     PENDING = "PENDING"
     RUNNING = "RUNNING"
+    WAITING = "WAITING"  # a Filter waiting for a match or its deadline
     COMPLETED = "COMPLETED"
     FAILED = "FAILED"
     TIMEOUT = "TIMEOUT"
@@ -26,7 +28,7 @@ class NodeState(StrEnum):
 TERMINAL: frozenset[NodeState] = frozenset(
     {NodeState.COMPLETED, NodeState.FAILED, NodeState.TIMEOUT, NodeState.CANCELLED}
 )
-ACTIVE: frozenset[NodeState] = frozenset({NodeState.PENDING, NodeState.RUNNING})
+ACTIVE: frozenset[NodeState] = frozenset({NodeState.PENDING, NodeState.RUNNING, NodeState.WAITING})
 
 # (from, to) pairs that a guarded update may perform. None as `from` is the row's creation.
 ALLOWED: frozenset[tuple[NodeState | None, NodeState]] = frozenset(
@@ -38,6 +40,10 @@ ALLOWED: frozenset[tuple[NodeState | None, NodeState]] = frozenset(
         (NodeState.RUNNING, NodeState.COMPLETED),
         (NodeState.RUNNING, NodeState.PENDING),
         (NodeState.RUNNING, NodeState.FAILED),
+        (NodeState.RUNNING, NodeState.WAITING),
+        (NodeState.WAITING, NodeState.COMPLETED),
+        (NodeState.WAITING, NodeState.TIMEOUT),
+        (NodeState.WAITING, NodeState.CANCELLED),
         (NodeState.PENDING, NodeState.TIMEOUT),
         (NodeState.RUNNING, NodeState.TIMEOUT),
         (NodeState.PENDING, NodeState.CANCELLED),

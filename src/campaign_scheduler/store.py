@@ -25,7 +25,10 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from .db import (
     Campaign,
+    CampaignEdge,
+    CampaignEntry,
     CampaignNode,
+    Event,
     NodeStateRow,
     NodeTransition,
     ProductUser,
@@ -35,6 +38,7 @@ from .db import (
     make_sessionmaker,
 )
 from .errors import BackendUnavailable, NotFound, StateConflict
+from .jobs import execution_job_id
 from .states import CampaignState, NodeState, check_transition
 from .timewindows import ensure_utc, resolve_zone, utcnow
 
@@ -49,6 +53,14 @@ class NodeKey:
 
     def __str__(self) -> str:
         return f"campaign {self.campaign_id} node {self.node_id} user {self.product_user_id}"
+
+
+@dataclass(frozen=True)
+class Successor:
+    """A node a user moves on to, created PENDING in the transition that finishes the last."""
+
+    node_id: str
+    run_at: datetime
 
 
 @dataclass(frozen=True)
@@ -141,6 +153,7 @@ class StateStore:
         state: CampaignState = CampaignState.RUNNING,
         timezone: str | None = None,
         nodes: Sequence[tuple[str, str, dict[str, Any]]] = (),
+        edges: Sequence[tuple[str, str, str]] = (),
     ) -> Campaign:
         if timezone is not None:
             resolve_zone(timezone)
@@ -162,11 +175,159 @@ class StateStore:
                     s.add(
                         CampaignNode(id=node_id, campaign_id=campaign_id, kind=kind, config=config)
                     )
+                await s.flush()
+                for from_id, to_id, edge_kind in edges:
+                    s.add(
+                        CampaignEdge(
+                            campaign_id=campaign_id,
+                            from_id=from_id,
+                            to_id=to_id,
+                            edge_kind=edge_kind,
+                        )
+                    )
         except IntegrityError:
             raise StateConflict(
                 f"campaign {campaign_id!r} or one of its node ids already exists: choose new ids"
             ) from None
         return campaign
+
+    async def move_campaign(
+        self, campaign_id: str, expected: CampaignState, to: CampaignState, **values: Any
+    ) -> bool:
+        """Guarded campaign state change; False if it was not in `expected`."""
+        async with self.session() as s:
+            res = await s.execute(
+                update(Campaign)
+                .where(Campaign.id == campaign_id, Campaign.state == expected.value)
+                .values(state=to.value, **values)
+            )
+            return bool(res.rowcount == 1)  # type: ignore[attr-defined]
+
+    async def load_graph(self, campaign_id: str) -> tuple[list[CampaignNode], list[CampaignEdge]]:
+        async with self.session(readonly=True) as s:
+            nodes = (
+                await s.execute(select(CampaignNode).where(CampaignNode.campaign_id == campaign_id))
+            ).scalars()
+            edges = (
+                await s.execute(select(CampaignEdge).where(CampaignEdge.campaign_id == campaign_id))
+            ).scalars()
+            return list(nodes), list(edges)
+
+    async def running_entry_nodes(self, kind: str) -> list[tuple[Campaign, CampaignNode]]:
+        """Entry nodes of this kind in RUNNING campaigns."""
+        async with self.session(readonly=True) as s:
+            rows = await s.execute(
+                select(Campaign, CampaignNode)
+                .join(CampaignNode, CampaignNode.campaign_id == Campaign.id)
+                .where(Campaign.state == CampaignState.RUNNING.value, CampaignNode.kind == kind)
+            )
+            return [(c, n) for c, n in rows.tuples()]
+
+    async def product_users_of(
+        self, user_id: str, after_id: str = "", limit: int = 500
+    ) -> list[ProductUser]:
+        async with self.session(readonly=True) as s:
+            rows = await s.execute(
+                select(ProductUser)
+                .where(ProductUser.user_id == user_id, ProductUser.id > after_id)
+                .order_by(ProductUser.id)
+                .limit(limit)
+            )
+            return list(rows.scalars())
+
+    async def add_events(self, events: Sequence[Event]) -> None:
+        async with self.session() as s:
+            s.add_all(events)
+
+    async def user_events(self, product_user_id: str) -> list[tuple[str, datetime]]:
+        async with self.session(readonly=True) as s:
+            rows = await s.execute(
+                select(Event.name, Event.occurred_at).where(
+                    Event.product_user_id == product_user_id
+                )
+            )
+            return [(name, at) for name, at in rows.tuples()]
+
+    async def enter(
+        self, campaign: Campaign, entry_node_id: str, product_user_id: str, run_at: datetime
+    ) -> NodeStateRow | None:
+        """Enter a user into a campaign at its entry node; None if they entered before."""
+        async with self.session() as s:
+            try:
+                async with s.begin_nested():
+                    s.add(
+                        CampaignEntry(
+                            campaign_id=campaign.id,
+                            product_user_id=product_user_id,
+                            entry_node_id=entry_node_id,
+                            entered_at=utcnow(),
+                        )
+                    )
+                    await s.flush()
+            except IntegrityError:
+                return None  # the unique constraint: at most once per campaign
+            key = NodeKey(campaign.id, entry_node_id, product_user_id)
+            (row,) = await self._create_states(
+                s, key.campaign_id, product_user_id, campaign.user_id,
+                [Successor(entry_node_id, run_at)], "entered", Actor("engine"),
+            )  # fmt: skip
+            return row
+
+    async def _create_states(
+        self,
+        s: AsyncSession,
+        campaign_id: str,
+        product_user_id: str,
+        user_id: str,
+        successors: Sequence[Successor],
+        reason: str,
+        actor: Actor,
+    ) -> list[NodeStateRow]:
+        """New PENDING visits; a node this user already visited is skipped (one row a visit)."""
+        created = []
+        for succ in successors:
+            key = NodeKey(campaign_id, succ.node_id, product_user_id)
+            if await self._by_key(s, key) is not None:
+                continue
+            now = utcnow()
+            row = NodeStateRow(
+                campaign_id=campaign_id,
+                node_id=succ.node_id,
+                product_user_id=product_user_id,
+                user_id=user_id,
+                state=NodeState.PENDING.value,
+                attempts=0,
+                did_timeout=False,
+                run_at=succ.run_at,
+                job_id=execution_job_id(campaign_id, succ.node_id, product_user_id),
+                created_at=now,
+                updated_at=now,
+            )
+            try:
+                async with s.begin_nested():
+                    s.add(row)
+                    await s.flush()
+            except IntegrityError:
+                continue  # created concurrently by another path into the same node
+            self._audit(s, row, None, NodeState.PENDING, reason, actor, row.job_id)
+            created.append(row)
+        return created
+
+    async def record_delivery(
+        self, node_state_id: int, token: str, delivery: dict[str, Any]
+    ) -> bool:
+        """Note what an attempt delivered, only while that attempt still owns the visit."""
+        async with self.session() as s:
+            res = await s.execute(
+                update(NodeStateRow)
+                .where(
+                    NodeStateRow.id == node_state_id,
+                    NodeStateRow.state == NodeState.RUNNING.value,
+                    NodeStateRow.run_token == token,
+                )
+                .values(delivered_at=utcnow(), delivery=delivery, updated_at=utcnow())
+            )
+            return bool(res.rowcount == 1)  # type: ignore[attr-defined]
 
     async def set_campaign_state(self, campaign_id: str, state: CampaignState) -> None:
         async with self.session() as s:
@@ -275,6 +436,7 @@ class StateStore:
         after_id: int = 0,
         limit: int = 500,
         campaign_id: str | None = None,
+        product_user_id: str | None = None,
     ) -> list[NodeStateRow]:
         stmt = (
             select(NodeStateRow)
@@ -286,6 +448,8 @@ class StateStore:
             stmt = stmt.where(NodeStateRow.updated_at < updated_before)
         if campaign_id is not None:
             stmt = stmt.where(NodeStateRow.campaign_id == campaign_id)
+        if product_user_id is not None:
+            stmt = stmt.where(NodeStateRow.product_user_id == product_user_id)
         async with self.session(readonly=True) as s:
             return list((await s.execute(stmt)).scalars())
 
@@ -386,15 +550,42 @@ class StateStore:
         Returns the updated row, or None when the row was not in an expected state: some
         other job, worker or timeout got there first, and the caller must not act.
         """
+        row, _ = await self.finish(
+            node_state_id, expected, to, reason, actor, token=token, values=values, error=error
+        )
+        return row
+
+    async def finish(
+        self,
+        node_state_id: int,
+        expected: Collection[NodeState],
+        to: NodeState,
+        reason: str,
+        actor: Actor,
+        *,
+        token: str | None = None,
+        values: dict[str, Any] | None = None,
+        error: BaseException | None = None,
+        successors: Sequence[Successor] = (),
+    ) -> tuple[NodeStateRow | None, list[NodeStateRow]]:
+        """`transition`, plus the user's next nodes created PENDING in the same transaction:
+        either both happen or neither, so a crash cannot strand a user between nodes."""
         async with self.session() as s:
             row = await s.get(NodeStateRow, node_state_id, with_for_update=True)
             if row is None or NodeState(row.state) not in expected:
-                return None
+                return None, []
             if token is not None and row.run_token != token:
-                return None
-            return await self._apply(
+                return None, []
+            done = await self._apply(
                 s, row, NodeState(row.state), to, reason, actor, dict(values or {}), error, token
             )
+            if done is None or not successors:
+                return done, []
+            created = await self._create_states(
+                s, row.campaign_id, row.product_user_id, row.user_id, successors,
+                f"from {row.node_id}"[:64], actor,
+            )  # fmt: skip
+            return done, created
 
     async def start_run(
         self, key: NodeKey, job_id: str, token: str, actor: Actor, *, not_before: datetime

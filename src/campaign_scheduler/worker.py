@@ -17,6 +17,7 @@ from redis.exceptions import RedisError
 
 from .config import Settings
 from .connections import EXECUTION_LIMITER, Queues, redis_unavailable, start_worker
+from .engine import CampaignEngine
 from .jobs import EXECUTION_QUEUE, RECONCILE_JOB, RECONCILER_ID, TIMEOUT_QUEUE
 from .logs import event
 from .processors import HandlerRegistry, Processors, default_registry
@@ -73,12 +74,14 @@ class SchedulerWorker:
         self.reconciler = Reconciler(
             store, self.scheduling, settings.reconcile_grace_ms, worker=self.name
         )
+        self.engine = CampaignEngine(store, self.scheduling, settings)
         self.processors = Processors(
             store,
             self.scheduling,
-            registry or default_registry(settings.handler_modules),
+            registry or default_registry(settings, settings.handler_modules),
             self.reconciler,
             self.name,
+            self.engine,
         )
         self.workers: list[Worker] = []
         self._heartbeat: asyncio.Task[None] | None = None
