@@ -5,22 +5,29 @@ never see each other's rows or jobs."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from email import message_from_bytes
+from email import policy as email_policy
+from email.message import EmailMessage
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from aiosmtpd.controller import Controller
 from sqlalchemy.engine import make_url
 
 from campaign_scheduler.config import Settings, load_settings
 from campaign_scheduler.connections import Queues
-from campaign_scheduler.embedded import EmbeddedRedis
+from campaign_scheduler.embedded import EmbeddedRedis, free_port
 from campaign_scheduler.errors import NonRetryableError
 from campaign_scheduler.migrate import upgrade
 from campaign_scheduler.processors import HandlerRegistry, NodeContext, default_registry
@@ -87,9 +94,94 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
+class Mailbox:
+    """Every message the test SMTP server accepted."""
+
+    def __init__(self) -> None:
+        self.messages: list[EmailMessage] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        msg = message_from_bytes(envelope.content, policy=email_policy.default)
+        self.messages.append(msg)  # type: ignore[arg-type]
+        return "250 Message accepted for delivery"
+
+    def to(self, address: str) -> list[EmailMessage]:
+        return [m for m in self.messages if m["To"] == address]
+
+
+@pytest.fixture(scope="session")
+def smtp_server() -> Iterator[tuple[int, Mailbox]]:
+    """A real SMTP server (aiosmtpd) on a free port, in its own thread."""
+    box = Mailbox()
+    port = free_port()
+    controller = Controller(box, hostname="127.0.0.1", port=port)
+    controller.start()
+    yield port, box
+    controller.stop()
+
+
+@dataclass
+class HttpRecord:
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any]
+
+
+class HttpSink:
+    """A real HTTP server. /ok -> 200, /status/NNN -> NNN, /flaky/N/... -> 500 N times, then 200."""
+
+    def __init__(self) -> None:
+        self.requests: list[HttpRecord] = []
+        self.hits: dict[str, int] = {}
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", 0))
+                body = json.loads(self.rfile.read(length) or b"{}")
+                sink.requests.append(HttpRecord(self.path, dict(self.headers), body))
+                sink.hits[self.path] = sink.hits.get(self.path, 0) + 1
+                parts = self.path.strip("/").split("/")
+                status = 200
+                if parts[0] == "status":
+                    status = int(parts[1])
+                elif parts[0] == "flaky" and sink.hits[self.path] <= int(parts[1]):
+                    status = 500
+                self.send_response(status)
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def at(self, path: str) -> list[HttpRecord]:
+        return [r for r in self.requests if r.path == path]
+
+
+@pytest.fixture(scope="session")
+def http_sink() -> Iterator[HttpSink]:
+    sink = HttpSink()
+    yield sink
+    sink.server.shutdown()
+
+
 @pytest.fixture
-def settings(redis_server: EmbeddedRedis, db_url: str, tmp_path: Path) -> Settings:
+def mailbox(smtp_server: tuple[int, Mailbox]) -> Mailbox:
+    """The session's SMTP server, emptied for this test (tests run one at a time)."""
+    smtp_server[1].messages.clear()
+    return smtp_server[1]
+
+
+@pytest.fixture
+def settings(
+    redis_server: EmbeddedRedis, db_url: str, tmp_path: Path, smtp_server: tuple[int, Mailbox]
+) -> Settings:
     return load_settings(
+        smtp_port=smtp_server[0],
         redis_url=redis_server.url,
         database_url=db_url,
         queue_prefix=new_id("t"),
@@ -135,9 +227,9 @@ def calls() -> Calls:
 
 
 @pytest.fixture
-def registry(calls: Calls) -> HandlerRegistry:
+def registry(calls: Calls, settings: Settings) -> HandlerRegistry:
     """`Test` kind: config {"sleep": s, "fail_times": n, "nonretryable": bool}."""
-    reg = default_registry()
+    reg = default_registry(settings)  # the Email kind sends to this test's SMTP server
 
     async def test_handler(ctx: NodeContext) -> dict[str, Any]:
         key = (ctx.key.campaign_id, ctx.key.node_id, ctx.key.product_user_id)

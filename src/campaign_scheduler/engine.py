@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from .conditions import Condition, evaluate
+from .conditions import Condition, evaluate, events_named
 from .config import Settings
 from .db import Campaign, CampaignNode, Event, NodeStateRow, ProductUser
 from .errors import InvalidInput, NotFound, StateConflict
@@ -122,8 +122,7 @@ class CampaignEngine:
             after = ""
             while batch := await self.store.product_users_of(campaign.user_id, after):
                 after = batch[-1].id
-                for user in batch:
-                    entered += await self._enter_if(campaign, node, user, cfg.condition)
+                entered += await self._enter(campaign, node, batch, cfg.condition)
         event(log, logging.INFO, "campaign_launched", campaignId=campaign_id, entered=entered)
         return entered
 
@@ -182,7 +181,7 @@ class CampaignEngine:
                 continue
             cfg = AudienceConfig.model_validate(node.config)
             if cfg.rule == "Both" or (cfg.rule == "New" and not existed):
-                await self._enter_if(campaign, node, user, cfg.condition)
+                await self._enter(campaign, node, [user], cfg.condition)
         await self.reevaluate_filters(product_user_id)
         return user
 
@@ -219,62 +218,89 @@ class CampaignEngine:
                 for e in events
             ]
         )
-        triggers = await self.store.running_entry_nodes(NodeKind.TRIGGER.value)
-        for e in events:
-            user = users[e.product_user_id]
-            for campaign, node in triggers:
-                cfg = TriggerConfig.model_validate(node.config)
-                if campaign.user_id == user.user_id and cfg.event == e.name:
-                    await self._enter_if(campaign, node, user, cfg.condition)
-        for product_user_id in users:
-            await self.reevaluate_filters(product_user_id)
+        for campaign, node in await self.store.running_entry_nodes(NodeKind.TRIGGER.value):
+            cfg = TriggerConfig.model_validate(node.config)
+            hit = {
+                e.product_user_id: users[e.product_user_id]
+                for e in events
+                if e.name == cfg.event and users[e.product_user_id].user_id == campaign.user_id
+            }
+            if hit:
+                await self._enter(campaign, node, list(hit.values()), cfg.condition)
+        await self.reevaluate_filters(*users)
 
-    async def _enter_if(
+    async def _enter(
         self,
         campaign: Campaign,
         node: CampaignNode,
-        user: ProductUser,
+        users: list[ProductUser],
         condition: Condition | None,
     ) -> int:
+        """Enter the users who match `condition`, in one transaction and one Redis round trip."""
         if condition is not None:
-            events = await self.store.user_events(user.id)
-            if not evaluate(condition, user.traits or {}, events, utcnow()):
-                return 0
-        row = await self.store.enter(campaign, node.id, user.id, utcnow())
-        if row is None:
+            now = utcnow()
+            needs_events = bool(events_named(condition))
+            matching = []
+            for user in users:
+                events = await self.store.user_events(user.id) if needs_events else []
+                if evaluate(condition, user.traits or {}, events, now):
+                    matching.append(user)
+            users = matching
+        if not users:
             return 0
-        await self.scheduling.enqueue_execution(row)
-        return 1
+        rows = await self.store.enter(campaign, node.id, [u.id for u in users], utcnow())
+        await self.scheduling.enqueue_new(rows)
+        return len(rows)
 
-    async def reevaluate_filters(self, product_user_id: str) -> int:
+    async def reevaluate_filters(self, *product_user_ids: str) -> int:
         """A waiting Filter whose condition now matches moves on along its Default edges."""
         rows = await self.store.list_states(
-            {NodeState.WAITING}, product_user_id=product_user_id, limit=1000
+            {NodeState.WAITING}, product_user_ids=product_user_ids, limit=100_000
         )
-        if not rows:
-            return 0
-        user = await self.store.get_product_user(product_user_id)
-        assert user is not None
-        events = await self.store.user_events(product_user_id)
         moved = 0
+        cache: dict[str, tuple[ProductUser | None, list[tuple[str, datetime]]]] = {}
         for row in rows:
+            if row.product_user_id not in cache:
+                cache[row.product_user_id] = (
+                    await self.store.get_product_user(row.product_user_id),
+                    await self.store.user_events(row.product_user_id),
+                )
+            user, events = cache[row.product_user_id]
             node = (await self.graph(row.campaign_id)).nodes[row.node_id]
             cfg = FilterConfig.model_validate(node.config)
-            if evaluate(cfg.condition, user.traits or {}, events, utcnow()):
+            if user is not None and evaluate(cfg.condition, user.traits or {}, events, utcnow()):
                 moved += await self.move_on(row, NodeState.COMPLETED, "matched", ENGINE) is not None
         return moved
+
+    async def matched_by(self, row: NodeStateRow, deadline: datetime) -> bool:
+        """Did this waiting Filter's condition hold at its deadline (events up to then)?"""
+        node = (await self.graph(row.campaign_id)).nodes[row.node_id]
+        if node.kind != NodeKind.FILTER:
+            return False
+        user = await self.store.get_product_user(row.product_user_id)
+        events = [e for e in await self.store.user_events(row.product_user_id) if e[1] <= deadline]
+        cfg = FilterConfig.model_validate(node.config)
+        return user is not None and evaluate(cfg.condition, user.traits or {}, events, deadline)
 
     # ---- moving along edges ------------------------------------------------------------
 
     async def successors(
-        self, row: NodeStateRow, edge: EdgeKind, now: datetime | None = None
+        self,
+        row: NodeStateRow,
+        edge: EdgeKind,
+        now: datetime | None = None,
+        zone_name: str | None = None,
     ) -> list[Successor]:
         now = now or utcnow()
         graph = await self.graph(row.campaign_id)
         targets = graph.out.get((row.node_id, edge.value), [])
         if not targets:
             return []
-        zone = await self.scheduling.zone_for(row.campaign_id, row.product_user_id)
+        zone = (
+            resolve_zone(zone_name)
+            if zone_name
+            else await self.scheduling.zone_for(row.campaign_id, row.product_user_id)
+        )
         hours = self.settings.business_hours()
         return [
             Successor(
@@ -293,13 +319,17 @@ class CampaignEngine:
         token: str | None = None,
         expected: set[NodeState] | None = None,
         values: dict[str, Any] | None = None,
+        campaign: Campaign | None = None,
+        user: ProductUser | None = None,
     ) -> NodeStateRow | None:
         """Finish a visit (COMPLETED, or TIMEOUT along Timeout edges) and create the next
-        visits in the same transaction; then queue their jobs. None if the visit was not ours."""
+        visits in the same transaction; then queue their jobs. None if the visit was not ours.
+        A caller that has the campaign and user at hand passes them to save reads."""
         edge = EdgeKind.TIMEOUT if to == NodeState.TIMEOUT else EdgeKind.DEFAULT
-        campaign = await self.store.get_campaign(row.campaign_id)
+        campaign = campaign or await self.store.get_campaign(row.campaign_id)
         running = campaign is not None and campaign.state == CampaignState.RUNNING
-        successors = await self.successors(row, edge) if running else []
+        zone = self.zone_name(campaign, user) if campaign is not None and user else None
+        successors = await self.successors(row, edge, zone_name=zone) if running else []
         vals = {"completed_at": utcnow(), **(values or {})}
         if to == NodeState.TIMEOUT:
             vals["did_timeout"] = True
@@ -320,8 +350,7 @@ class CampaignEngine:
             await q.remove(
                 q.timeout, timeout_job_id(row.campaign_id, row.node_id, row.product_user_id)
             )
-        for new in created:
-            await self.scheduling.enqueue_execution(new)
+        await self.scheduling.enqueue_new(created)
         return done
 
     async def wait_for_match(

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationError, fie
 
 from .conditions import Condition, Window
 from .errors import InvalidInput
+from .jobs import check_id_part
 from .timewindows import (
     BusinessHours,
     local_to_utc,
@@ -163,6 +164,10 @@ def validate_graph(nodes: list[NodeSpec], edges: list[EdgeSpec]) -> list[str]:
     problems: list[str] = []
     by_id: dict[str, NodeSpec] = {}
     for n in nodes:
+        try:
+            check_id_part("node id", n.id)  # node ids become part of job ids
+        except InvalidInput as exc:
+            problems.append(str(exc))
         if n.id in by_id:
             problems.append(f"node {n.id!r} is defined twice")
         by_id[n.id] = n

@@ -26,7 +26,7 @@ RECONCILER_ID = "campaign-reconciler"
 _ID_PART = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 
 
-def _check_part(name: str, value: str) -> str:
+def check_id_part(name: str, value: str) -> str:
     # A ':' breaks BullMQ's key layout and a number-like id collides with BullMQ's own
     # auto-increment ids (BULLMQ-PYTHON-NOTES 4), so both are refused here, at the edge.
     if not isinstance(value, str) or not _ID_PART.match(value):
@@ -40,9 +40,9 @@ def _check_part(name: str, value: str) -> str:
 def execution_job_id(campaign_id: str, node_id: str, product_user_id: str) -> str:
     job_id = "-".join(
         (
-            _check_part("campaignId", campaign_id),
-            _check_part("nodeId", node_id),
-            _check_part("productUserId", product_user_id),
+            check_id_part("campaignId", campaign_id),
+            check_id_part("nodeId", node_id),
+            check_id_part("productUserId", product_user_id),
         )
     )
     return check_job_id(job_id)
@@ -81,7 +81,7 @@ class _Wire(BaseModel):
     @field_validator("campaign_id", "node_id", "product_user_id")
     @classmethod
     def _ids(cls, v: str) -> str:
-        return _check_part("id", v)
+        return check_id_part("id", v)
 
     def wire(self) -> dict[str, Any]:
         data = self.model_dump(by_alias=True, mode="json")

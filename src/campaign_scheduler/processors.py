@@ -7,6 +7,7 @@ state, whatever order things happen in.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import time
@@ -216,9 +217,17 @@ class Processors:
             return {"state": waiting.state, "timeoutAt": outcome.timeout_at.isoformat()}
         to = NodeState.TIMEOUT if outcome.action == "timeout" else NodeState.COMPLETED
         reason = "no_match" if outcome.action == "timeout" else "completed"
-        done = await self.engine.move_on(
-            row, to, reason, actor, token=token, expected={NodeState.RUNNING}
-        )
+        try:
+            done = await self.engine.move_on(
+                row, to, reason, actor, token=token, expected={NodeState.RUNNING},
+                campaign=campaign, user=user,
+            )  # fmt: skip
+        except Exception as exc:
+            # Moving on failed (the database went away, a bad successor): say why on the
+            # visit. A retry re-runs the handler, whose delivery record prevents a resend.
+            with contextlib.suppress(Exception):
+                await self._fail(row, token, actor, exc, final=final)
+            raise
         if done is None:
             return await self._lost(row)
         return {
@@ -260,6 +269,15 @@ class Processors:
         row = await self.store.get_state(key)
         if row is None:
             raise UnrecoverableError(f"{key} has no node state: nothing can time out")
+        if row.state == NodeState.WAITING and await self.engine.matched_by(row, payload.timeout_at):
+            # An event from before the deadline is recorded but its re-evaluation has not run
+            # yet: it counts, the user takes the Default edges.
+            done = await self.engine.move_on(
+                row, NodeState.COMPLETED, "matched", Actor(self.worker_name, str(job.id)),
+                expected={NodeState.WAITING},
+            )  # fmt: skip
+            if done is not None:
+                return {"state": done.state, "matchedAtDeadline": True}
         won = await self.engine.move_on(
             row,
             NodeState.TIMEOUT,

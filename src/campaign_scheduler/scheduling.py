@@ -8,8 +8,10 @@ from datetime import datetime, time
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from redis.exceptions import RedisError
+
 from .config import Settings
-from .connections import Enqueued, Queues
+from .connections import Enqueued, Queues, redis_unavailable
 from .db import NodeStateRow
 from .errors import InvalidInput
 from .jobs import (
@@ -92,6 +94,31 @@ class SchedulingService:
         return await self.queues.add_unique(
             self.queues.execution, EXECUTION_JOB, wire, payload.job_id, _ms(row.run_at), same
         )
+
+    async def enqueue_new(self, rows: list[NodeStateRow]) -> None:
+        """Jobs for visits just created (no job can exist under their ids yet), in one round
+        trip. Safe to repeat: Redis ignores an id it already has."""
+        if not rows:
+            return
+        jobs = []
+        for row in rows:
+            assert row.run_at is not None
+            payload = CampaignExecutionJob(
+                campaign_id=row.campaign_id,
+                node_id=row.node_id,
+                user_id=row.user_id,
+                product_user_id=row.product_user_id,
+                execution_time=row.run_at,
+            )
+            delay = max(0, _ms(row.run_at) - _ms(utcnow()))
+            jobs.append(
+                {"name": EXECUTION_JOB, "data": payload.wire(),
+                 "opts": {"jobId": payload.job_id, "delay": delay}}
+            )  # fmt: skip
+        try:
+            await self.queues.execution.addBulk(jobs)
+        except (RedisError, OSError) as exc:
+            raise redis_unavailable(self.settings, exc) from exc
 
     async def schedule_timeout(
         self,

@@ -221,7 +221,7 @@ class StateStore:
                 .join(CampaignNode, CampaignNode.campaign_id == Campaign.id)
                 .where(Campaign.state == CampaignState.RUNNING.value, CampaignNode.kind == kind)
             )
-            return [(c, n) for c, n in rows.tuples()]
+            return [(c, n) for c, n in rows]
 
     async def product_users_of(
         self, user_id: str, after_id: str = "", limit: int = 500
@@ -246,32 +246,38 @@ class StateStore:
                     Event.product_user_id == product_user_id
                 )
             )
-            return [(name, at) for name, at in rows.tuples()]
+            return [(name, at) for name, at in rows]
 
     async def enter(
-        self, campaign: Campaign, entry_node_id: str, product_user_id: str, run_at: datetime
-    ) -> NodeStateRow | None:
-        """Enter a user into a campaign at its entry node; None if they entered before."""
+        self,
+        campaign: Campaign,
+        entry_node_id: str,
+        product_user_ids: Sequence[str],
+        run_at: datetime,
+    ) -> list[NodeStateRow]:
+        """Enter users into a campaign at its entry node, in one transaction. Users who
+        entered before are skipped: the unique constraint makes it at most once."""
+        created: list[NodeStateRow] = []
         async with self.session() as s:
-            try:
-                async with s.begin_nested():
-                    s.add(
-                        CampaignEntry(
-                            campaign_id=campaign.id,
-                            product_user_id=product_user_id,
-                            entry_node_id=entry_node_id,
-                            entered_at=utcnow(),
+            for product_user_id in product_user_ids:
+                try:
+                    async with s.begin_nested():
+                        s.add(
+                            CampaignEntry(
+                                campaign_id=campaign.id,
+                                product_user_id=product_user_id,
+                                entry_node_id=entry_node_id,
+                                entered_at=utcnow(),
+                            )
                         )
-                    )
-                    await s.flush()
-            except IntegrityError:
-                return None  # the unique constraint: at most once per campaign
-            key = NodeKey(campaign.id, entry_node_id, product_user_id)
-            (row,) = await self._create_states(
-                s, key.campaign_id, product_user_id, campaign.user_id,
-                [Successor(entry_node_id, run_at)], "entered", Actor("engine"),
-            )  # fmt: skip
-            return row
+                        await s.flush()
+                except IntegrityError:
+                    continue
+                created += await self._create_states(
+                    s, campaign.id, product_user_id, campaign.user_id,
+                    [Successor(entry_node_id, run_at)], "entered", Actor("engine"),
+                )  # fmt: skip
+        return created
 
     async def _create_states(
         self,
@@ -437,10 +443,14 @@ class StateStore:
         limit: int = 500,
         campaign_id: str | None = None,
         product_user_id: str | None = None,
+        product_user_ids: Collection[str] | None = None,
     ) -> list[NodeStateRow]:
         stmt = (
             select(NodeStateRow)
-            .where(NodeStateRow.state.in_([s.value for s in states]), NodeStateRow.id > after_id)
+            .where(
+                NodeStateRow.state.in_([NodeState(s).value for s in states]),
+                NodeStateRow.id > after_id,
+            )
             .order_by(NodeStateRow.id)
             .limit(limit)
         )
@@ -450,6 +460,8 @@ class StateStore:
             stmt = stmt.where(NodeStateRow.campaign_id == campaign_id)
         if product_user_id is not None:
             stmt = stmt.where(NodeStateRow.product_user_id == product_user_id)
+        if product_user_ids is not None:
+            stmt = stmt.where(NodeStateRow.product_user_id.in_(list(product_user_ids)))
         async with self.session(readonly=True) as s:
             return list((await s.execute(stmt)).scalars())
 

@@ -46,6 +46,7 @@ def test_every_problem_is_listed_at_once() -> None:
         NodeSpec("x", "Teleport", {}),  # unknown kind
         NodeSpec("c1", "Wait", {"minutes": 1}),
         NodeSpec("c2", "Wait", {"minutes": 1}),
+        NodeSpec("why?", "Log", {}),  # not usable in a job id
     ]
     edges += [
         EdgeSpec("w", "t"),  # into an entry node
@@ -54,6 +55,7 @@ def test_every_problem_is_listed_at_once() -> None:
         EdgeSpec("c1", "c2"),
         EdgeSpec("c2", "c1"),  # cycle
         EdgeSpec("f", "ghost"),  # unknown node
+        EdgeSpec("t", "why?"),
     ]
     problems = validate_graph(nodes, edges)
     text = "\n".join(problems)
@@ -64,6 +66,7 @@ def test_every_problem_is_listed_at_once() -> None:
     assert "Timeout edge 'yes' -> 'no' starts at a Email node" in text
     assert "cycle: " in text and "c1 -> c2 -> c1" in text
     assert "unknown node 'ghost'" in text
+    assert "node id 'why?' is not a usable id" in text
     with pytest.raises(InvalidInput, match=r"invalid campaign graph \(\d+ problems\)"):
         check_graph(nodes, edges)
 
