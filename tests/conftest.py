@@ -128,7 +128,8 @@ class HttpRecord:
 
 
 class HttpSink:
-    """A real HTTP server. /ok -> 200, /status/NNN -> NNN, /flaky/N/... -> 500 N times, then 200."""
+    """A real HTTP server. /ok -> 200, /status/NNN -> NNN, /flaky/N/... -> 500 N times, then
+    200, /slow/N/... -> answers late N times, then at once."""
 
     def __init__(self) -> None:
         self.requests: list[HttpRecord] = []
@@ -147,6 +148,8 @@ class HttpSink:
                     status = int(parts[1])
                 elif parts[0] == "flaky" and sink.hits[self.path] <= int(parts[1]):
                     status = 500
+                elif parts[0] == "slow" and sink.hits[self.path] <= int(parts[1]):
+                    time.sleep(2.5)  # longer than the node's timeout
                 self.send_response(status)
                 self.end_headers()
                 self.wfile.write(b"{}")
@@ -154,7 +157,11 @@ class HttpSink:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                pass  # a client that gave up on a slow answer (the timeout test): expected
+
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 

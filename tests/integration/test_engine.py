@@ -424,3 +424,67 @@ async def test_batch_events_and_counts(worker: SchedulerWorker, store: StateStor
         await wait_for(lambda i=i: _state_is(store, "camp", "l", f"b{i}", "COMPLETED"))
     rows = await store.list_states({"COMPLETED"}, campaign_id="camp", limit=1000)  # type: ignore[arg-type]
     assert Counter(r.node_id for r in rows) == {"t": 30, "l": 30}
+
+
+async def test_webhook_timeout_is_retried(
+    worker: SchedulerWorker, store: StateStore, http_sink: HttpSink
+) -> None:
+    path = f"/slow/1/{worker.settings.queue_prefix}"
+    await _campaign(
+        worker.engine,
+        [
+            ("t", "Trigger", {"event": "go"}),
+            ("h", "Webhook", {"url": http_sink.url + path, "timeoutSeconds": 0.5}),
+        ],
+        [("t", "h")],
+    )
+    await worker.engine.upsert_product_user("u", ACCT)
+    await worker.engine.record_event("u", "go")
+    await wait_for(lambda: _state_is(store, "camp", "h", "u", "COMPLETED"), timeout=20)
+    row = await _state(store, "camp", "h", "u")
+    assert row is not None and row.attempts == 2 and row.last_error_type == "WebhookFailed"
+    assert "ReadTimeout" in (row.last_error or "")
+
+
+async def test_reconciler_queues_successors_a_dead_worker_left(
+    worker: SchedulerWorker, store: StateStore
+) -> None:
+    from campaign_scheduler.states import NodeState
+    from campaign_scheduler.store import Actor, Successor
+
+    await store.create_campaign(
+        "camp", "c", ACCT, nodes=[("a", "Log", {}), ("b", "Log", {})], edges=[("a", "b", "Default")]
+    )
+    await store.upsert_product_user("u", ACCT)
+    row = await store.schedule_pending(
+        NodeKey("camp", "a", "u"),
+        ACCT,
+        utcnow() + timedelta(hours=1),
+        execution_job_id("camp", "a", "u"),
+        Actor("t"),
+    )
+    started = await store.start_run(
+        NodeKey("camp", "a", "u"),
+        row.job_id or "",
+        "tok",
+        Actor("t"),
+        not_before=utcnow() + timedelta(hours=2),
+    )
+    assert started.started
+    # The visit finishes and its successor is written in one transaction; then the worker
+    # dies before queueing the successor's job.
+    done, created = await store.finish(
+        row.id,
+        {NodeState.RUNNING},
+        NodeState.COMPLETED,
+        "completed",
+        Actor("t"),
+        token="tok",
+        successors=[Successor("b", utcnow())],
+    )
+    assert done is not None and [c.node_id for c in created] == ["b"]
+    q = worker.queues
+    assert await q.job_state(q.execution, execution_job_id("camp", "b", "u")) == "unknown"
+    report = await worker.reconciler.run_once()
+    assert report.requeued >= 1
+    await wait_for(lambda: _state_is(store, "camp", "b", "u", "COMPLETED"))
