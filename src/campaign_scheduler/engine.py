@@ -28,11 +28,11 @@ from .graph import (
     arrival_run_at,
     check_graph,
 )
-from .jobs import execution_job_id, timeout_job_id
+from .jobs import timeout_job_id
 from .logs import event
 from .scheduling import SchedulingService
 from .states import CampaignState, NodeState
-from .store import Actor, StateStore, Successor
+from .store import Actor, NodeKey, StateStore, Successor
 from .timewindows import ensure_utc, resolve_zone, utcnow
 
 log = logging.getLogger(__name__)
@@ -147,15 +147,11 @@ class CampaignEngine:
                 )  # fmt: skip
                 if done is not None:
                     cancelled += 1
-                    await self._remove_jobs(row)
+                    await self.scheduling.remove_jobs(
+                        NodeKey(row.campaign_id, row.node_id, row.product_user_id)
+                    )
         event(log, logging.INFO, "campaign_stopped", campaignId=campaign_id, cancelled=cancelled)
         return cancelled
-
-    async def _remove_jobs(self, row: NodeStateRow) -> None:
-        q = self.scheduling.queues
-        key = (row.campaign_id, row.node_id, row.product_user_id)
-        await q.remove(q.execution, execution_job_id(*key))
-        await q.remove(q.timeout, timeout_job_id(*key))
 
     # ---- users and events -----------------------------------------------------------------
 

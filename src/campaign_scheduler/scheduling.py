@@ -74,10 +74,10 @@ class SchedulingService:
         await self.enqueue_execution(row)
         return row
 
-    async def enqueue_execution(self, row: NodeStateRow) -> Enqueued:
-        """(Re)create the execution job of a PENDING row; safe to repeat."""
+    @staticmethod
+    def execution_payload(row: NodeStateRow) -> CampaignExecutionJob:
         assert row.run_at is not None
-        payload = CampaignExecutionJob(
+        return CampaignExecutionJob(
             campaign_id=row.campaign_id,
             node_id=row.node_id,
             user_id=row.user_id,
@@ -86,6 +86,11 @@ class SchedulingService:
             attempts=row.attempts,
             did_timeout=row.did_timeout,
         )
+
+    async def enqueue_execution(self, row: NodeStateRow) -> Enqueued:
+        """(Re)create the execution job of a PENDING row; safe to repeat."""
+        assert row.run_at is not None
+        payload = self.execution_payload(row)
         wire = payload.wire()
 
         def same(existing: dict[str, Any]) -> bool:
@@ -103,13 +108,7 @@ class SchedulingService:
         jobs = []
         for row in rows:
             assert row.run_at is not None
-            payload = CampaignExecutionJob(
-                campaign_id=row.campaign_id,
-                node_id=row.node_id,
-                user_id=row.user_id,
-                product_user_id=row.product_user_id,
-                execution_time=row.run_at,
-            )
+            payload = self.execution_payload(row)
             delay = max(0, _ms(row.run_at) - _ms(utcnow()))
             jobs.append(
                 {"name": EXECUTION_JOB, "data": payload.wire(),
@@ -174,13 +173,14 @@ class SchedulingService:
         )
         if won is None:
             return False
-        await self.queues.remove(
-            self.queues.execution, execution_job_id(campaign_id, node_id, product_user_id)
-        )
-        await self.queues.remove(
-            self.queues.timeout, timeout_job_id(campaign_id, node_id, product_user_id)
-        )
+        await self.remove_jobs(key)
         return True
+
+    async def remove_jobs(self, key: NodeKey) -> None:
+        """Remove a visit's execution and timeout jobs (a job a worker holds stays)."""
+        parts = (key.campaign_id, key.node_id, key.product_user_id)
+        await self.queues.remove(self.queues.execution, execution_job_id(*parts))
+        await self.queues.remove(self.queues.timeout, timeout_job_id(*parts))
 
     # ---- run-time rules -----------------------------------------------------------------
 
