@@ -89,8 +89,17 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
         store, queues = StateStore.from_url(db_url), Queues.open(settings)
         worker = SchedulerWorker(settings, store, queues)
         await worker.start()
+        import secrets
+
+        token = settings.api_token or secrets.token_urlsafe(24)
+        port = _api_port(settings)
+        api = _Server(settings, token, port)
+        await api.start()
+        note = "" if settings.api_token else "  (generated; set API_TOKEN to keep one)"
         _say(
             "\ncampaign-scheduler is running\n"
+            f"  api:      http://{settings.api_host}:{port}  (OpenAPI: /docs, metrics: /metrics)\n"
+            f"  token:    {token}{note}\n"
             f"  redis:    {describe_redis(settings)}"
             f"{' (private, started by this command)' if embedded else ''}\n"
             f"  database: {describe_url(db_url)}\n"
@@ -125,6 +134,7 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
                     pass
         finally:
             _say("stopping: finishing in-flight jobs ...")
+            await api.stop()
             await worker.close()
             await queues.close()
             await store.close()
@@ -132,6 +142,126 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
         if embedded:
             embedded.stop()
     _say("stopped cleanly.")
+    return 0
+
+
+# ---- the HTTP API ------------------------------------------------------------------------
+
+
+class _Server:
+    """uvicorn inside our own event loop, stopped by our signal handling (not uvicorn's)."""
+
+    def __init__(self, settings: Settings, token: str, port: int) -> None:
+        import contextlib
+
+        import uvicorn
+
+        from .api import create_app
+
+        class Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self):  # type: ignore[no-untyped-def]
+                yield  # SIGTERM/SIGINT are ours: they stop the worker and the API together
+
+        config = uvicorn.Config(
+            create_app(settings, token), host=settings.api_host, port=port, log_config=None,
+            access_log=False, lifespan="on",
+        )  # fmt: skip
+        self.server = Server(config)
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.task = asyncio.ensure_future(self.server.serve())
+        while not self.server.started:
+            if self.task.done():
+                self.task.result()  # raises the start-up error (e.g. port in use)
+                raise SchedulerError("the API server stopped at start-up")
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        if self.task is not None:
+            await self.task
+
+
+def _api_port(settings: Settings) -> int:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind((settings.api_host, settings.api_port))
+            return settings.api_port
+        except OSError:
+            from .embedded import free_port
+
+            port = free_port()
+            _say(f"port {settings.api_port} is taken; the API uses {port} (set API_PORT to choose)")
+            return port
+
+
+async def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
+    import secrets
+
+    from .worker import install_stop_signals
+
+    logs.setup(settings.log_level)
+    token = settings.api_token
+    if not token:
+        token = secrets.token_urlsafe(24)
+        _say(f"API_TOKEN is not set: this run uses the generated token {token}")
+    stop = asyncio.Event()
+    install_stop_signals(stop)
+    server = _Server(settings, token, settings.api_port)
+    await server.start()
+    _say(f"API on http://{settings.api_host}:{settings.api_port} (OpenAPI at /docs)")
+    await stop.wait()
+    await server.stop()
+    return 0
+
+
+async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    from sqlalchemy import func, select
+
+    from .api import QUEUE_STATES
+    from .db import NodeStateRow
+    from .worker import live_workers
+
+    store, queues = StateStore.from_url(settings.resolved_database_url()), Queues.open(settings)
+    try:
+        await queues.ping()
+        _say(f"{'queue':<22}" + "".join(f"{s:>12}" for s in QUEUE_STATES))
+        for q in (queues.execution, queues.timeout):
+            counts = await q.getJobCounts(*QUEUE_STATES)
+            _say(f"{q.name:<22}" + "".join(f"{counts.get(s, 0):>12}" for s in QUEUE_STATES))
+        workers = await live_workers(queues)
+        _say(f"\nlive workers: {len(workers)}")
+        for w in workers:
+            _say(f"  {w['worker']}  pid {w['pid']}  concurrency {w['concurrency']}")
+        async with store.session(readonly=True) as s:
+            rows = await s.execute(
+                select(NodeStateRow.state, func.count()).group_by(NodeStateRow.state)
+            )
+            _say("\nnode visits: " + ", ".join(f"{st} {n}" for st, n in rows))
+    finally:
+        await queues.close()
+        await store.close()
+    return 0
+
+
+async def cmd_retry_failed(settings: Settings, args: argparse.Namespace) -> int:
+    from .api import Api, retry_failed_job
+
+    api = Api(settings, "cli")
+    try:
+        await api.queues.ping()
+        queue = api.queues.execution if args.queue == "execution" else api.queues.timeout
+        jobs = await queue.getFailed(0, args.limit - 1)
+        for job in jobs:
+            await retry_failed_job(api, queue, str(job.id))
+            _say(f"retried {job.id}")
+        _say(f"{len(jobs)} failed job(s) retried")
+    finally:
+        await api.close()
     return 0
 
 
@@ -233,6 +363,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--exit-when-done", action="store_true", help="with --demo: stop once the demo finished"
     )
     sub.add_parser("worker", help="process both queues until SIGTERM/SIGINT")
+    sub.add_parser("api", help="serve the HTTP API (API_HOST, API_PORT, API_TOKEN)")
+    sub.add_parser("status", help="queue counts, live workers and node visits by state")
+    rf = sub.add_parser(
+        "retry-failed", help="retry failed jobs (their FAILED visits go back to PENDING)"
+    )
+    rf.add_argument("--queue", choices=["execution", "timeout"], default="execution")
+    rf.add_argument("--limit", type=int, default=1000)
     sub.add_parser("migrate", help="bring the database to the newest schema")
     sub.add_parser("reconcile", help="one reconciler pass: re-enqueue jobs Redis lost")
     sch = sub.add_parser("schedule", help="schedule one node visit")
@@ -253,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = {
     "run": cmd_run,
     "worker": cmd_worker,
+    "api": cmd_api,
+    "status": cmd_status,
+    "retry-failed": cmd_retry_failed,
     "migrate": cmd_migrate,
     "reconcile": cmd_reconcile,
     "schedule": cmd_schedule,

@@ -51,6 +51,7 @@ _HINTS: dict[str, tuple[str, str]] = {
     "smtp_timeout_s": ("SMTP_TIMEOUT_S", "seconds, more than 0"),
     "email_from": ("EMAIL_FROM", "an address such as news@example.com"),
     "message_id_domain": ("MESSAGE_ID_DOMAIN", "a domain name such as example.com"),
+    "api_port": ("API_PORT", "a port number such as 8000"),
     "handler_modules": ("SCHEDULER_HANDLER_MODULES", "comma-separated importable module names"),
 }
 
@@ -99,6 +100,9 @@ class Settings(BaseSettings):
     smtp_timeout_s: float = Field(30, gt=0, validation_alias="SMTP_TIMEOUT_S")
     email_from: str = Field("campaigns@localhost", validation_alias="EMAIL_FROM")
     message_id_domain: str = Field("campaign-scheduler.local", validation_alias="MESSAGE_ID_DOMAIN")
+    api_token: str | None = Field(None, validation_alias="API_TOKEN")
+    api_host: str = Field("127.0.0.1", validation_alias="API_HOST")
+    api_port: int = Field(8000, ge=0, le=65535, validation_alias="API_PORT")
     # Modules with a `register(registry)` function that adds node handlers by kind.
     handler_modules: str = Field("", validation_alias="SCHEDULER_HANDLER_MODULES")
 

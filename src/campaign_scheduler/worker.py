@@ -15,6 +15,7 @@ from typing import Any
 from bullmq import Job, Worker
 from redis.exceptions import RedisError
 
+from . import metrics
 from .config import Settings
 from .connections import EXECUTION_LIMITER, Queues, redis_unavailable, start_worker
 from .engine import CampaignEngine
@@ -124,12 +125,14 @@ class SchedulerWorker:
 
     def _attach_events(self, worker: Worker) -> None:
         def completed(job: Job, result: Any) -> None:
+            metrics.observe_finish(job, ok=True)
             fields = _job_fields(job) | {"duration": _duration_ms(job), "result": result}
             event(log, logging.INFO, "job_completed", **fields)
 
         def failed(job: Job, err: BaseException) -> None:
             # Trap 6: 'failed' fires on every attempt; say whether BullMQ will retry.
             final = job.attemptsMade >= int(job.opts.get("attempts", 1)) or bool(job.finishedOn)
+            metrics.observe_finish(job, ok=False, err=err, final=final)
             fields = _job_fields(job) | {
                 "duration": _duration_ms(job),
                 "error": f"{type(err).__name__}: {err}",
