@@ -7,10 +7,11 @@ import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -33,6 +34,8 @@ from .states import NodeState
 from .store import Actor, NodeKey, StateStore
 from .worker import live_workers
 
+MAX_ID = 2**62  # cursors above this fit no database integer: a 422, not a 500
+DASHBOARD = Path(__file__).parent / "static" / "dashboard.html"
 # Module level: FastAPI resolves the (postponed) annotations that use it in module globals.
 BEARER = HTTPBearer(auto_error=False)
 QUEUE_STATES = ("waiting", "active", "delayed", "completed", "failed", "paused", "prioritized")
@@ -209,6 +212,38 @@ def create_app(settings: Settings, token: str | None = None) -> FastAPI:
 
     # ---- open endpoints ---------------------------------------------------------------
 
+    @app.get("/", include_in_schema=False, response_class=HTMLResponse)
+    async def dashboard() -> HTMLResponse:
+        # The page itself holds no data; it calls the API with the token the user enters.
+        return HTMLResponse(DASHBOARD.read_text(encoding="utf-8"))
+
+    @app.get("/api/queues", dependencies=[Depends(auth)], tags=["jobs"])
+    async def queues_overview() -> dict[str, Any]:
+        out = {}
+        for q in (api.queues.execution, api.queues.timeout):
+            out[q.name] = await q.getJobCounts(*QUEUE_STATES)
+        async with api.store.session(readonly=True) as s:
+            # Lateness of the most recent first attempts: started minus due. (A retry is due
+            # after its backoff, not at run_at, so it would count its backoff as lateness.)
+            rows = await s.execute(
+                select(NodeTransition.at, NodeStateRow.run_at)
+                .join(NodeStateRow, NodeStateRow.id == NodeTransition.node_state_id)
+                .where(NodeTransition.reason == "started", NodeTransition.attempt == 1)
+                .order_by(NodeTransition.id.desc())
+                .limit(200)
+            )
+            late = sorted(
+                max(0.0, (at - run_at).total_seconds() * 1000) for at, run_at in rows if run_at
+            )
+        pick = (lambda f: round(late[min(len(late) - 1, int(f * len(late)))], 1)) if late else None
+        return {
+            "queues": out,
+            "workers": len(await live_workers(api.queues)),
+            "completedTotal": sum(c.get("completed", 0) for c in out.values()),
+            "latenessMs": {"n": len(late), "p50": pick(0.5) if pick else None,
+                           "p99": pick(0.99) if pick else None},
+        }  # fmt: skip
+
     @app.get("/health", tags=["health"])
     async def health() -> dict[str, str]:
         return {"status": "ok", "version": __version__}
@@ -290,7 +325,7 @@ def create_app(settings: Settings, token: str | None = None) -> FastAPI:
     @app.get("/api/campaigns/{campaign_id}/states", dependencies=secured, tags=["audit"])
     async def campaign_states(
         campaign_id: str,
-        after: Annotated[int, Query(ge=0)] = 0,
+        after: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> dict[str, Any]:
         rows = await api.store.list_states(
@@ -304,7 +339,7 @@ def create_app(settings: Settings, token: str | None = None) -> FastAPI:
     @app.get("/api/campaigns/{campaign_id}/audit", dependencies=secured, tags=["audit"])
     async def campaign_audit(
         campaign_id: str,
-        after: Annotated[int, Query(ge=0)] = 0,
+        after: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> dict[str, Any]:
         return await _audit(NodeTransition.campaign_id == campaign_id, after, limit)
@@ -312,7 +347,7 @@ def create_app(settings: Settings, token: str | None = None) -> FastAPI:
     @app.get("/api/product-users/{product_user_id}/audit", dependencies=secured, tags=["audit"])
     async def user_audit(
         product_user_id: str,
-        after: Annotated[int, Query(ge=0)] = 0,
+        after: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> dict[str, Any]:
         return await _audit(NodeTransition.product_user_id == product_user_id, after, limit)
@@ -392,7 +427,7 @@ def create_app(settings: Settings, token: str | None = None) -> FastAPI:
     @app.get("/api/failed-jobs/{queue}", dependencies=secured, tags=["jobs"])
     async def failed_jobs(
         queue: str,
-        start: Annotated[int, Query(ge=0)] = 0,
+        start: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
     ) -> dict[str, Any]:
         q = queue_of(queue)

@@ -2,50 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
-from campaign_scheduler.api import create_app
 from campaign_scheduler.config import Settings
-from campaign_scheduler.embedded import free_port
 from campaign_scheduler.store import NodeKey, StateStore
 from campaign_scheduler.timewindows import utcnow
 from campaign_scheduler.worker import SchedulerWorker
-from tests.conftest import make_visit, wait_for
-
-TOKEN = "test-token-123"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-@contextlib.asynccontextmanager
-async def serve(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    port = free_port()
-
-    class Server(uvicorn.Server):
-        @contextlib.contextmanager
-        def capture_signals(self):  # type: ignore[no-untyped-def]
-            yield
-
-    server = Server(
-        uvicorn.Config(create_app(settings, TOKEN), host="127.0.0.1", port=port, log_config=None)
-    )
-    task = asyncio.ensure_future(server.serve())
-    while not server.started:
-        assert not task.done(), task.exception()
-        await asyncio.sleep(0.02)
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            yield client
-    finally:
-        server.should_exit = True
-        await task
+from tests.conftest import AUTH, make_visit, serve, wait_for
 
 
 @pytest.fixture
