@@ -80,6 +80,14 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
         _say(f"starting a private Redis (data in {data_dir / 'redis'}) ...")
         embedded = EmbeddedRedis.start(data_dir / "redis")
         settings = settings.model_copy(update={"redis_url": embedded.url})
+    sinks: list[object] = []
+    smtp = hook = None
+    if args.command == "demo":
+        from .demo import FlakyHook, SmtpSink
+
+        smtp, hook = SmtpSink(), FlakyHook()
+        sinks = [smtp.start()]
+        settings = settings.model_copy(update={"smtp_host": "127.0.0.1", "smtp_port": smtp.port})
     db_url = settings.resolved_database_url()
     try:
         _say(f"migrating the database {describe_url(db_url)} ...")
@@ -109,36 +117,67 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
             "Press Ctrl-C to stop.\n"
         )
         pending: set[str] = set()
-        if args.demo:
+        activating = None
+        if smtp is not None and hook is not None:
+            from .demo import seed
+
+            _say(f"demo: SMTP sink on 127.0.0.1:{smtp.port}, web hook at {hook.url}")
+            campaign_id, activating = await seed(worker.engine, args.users, hook.url)
+            _say(
+                f"demo campaign {campaign_id} is running: open http://{settings.api_host}:{port}/ "
+                "and paste the token; some web hook calls fail on purpose - retry them there.\n"
+            )
+        if getattr(args, "demo", False):
             due = await _seed_demo(worker, store, args.users)
             for pu, at in due:
                 _say(f"scheduled demo node for {pu} at {at:%H:%M:%S.%f}"[:-3] + " UTC")
                 pending.add(pu)
             _say("\naudit trail (live):")
         last = max((t.id for t in await store.transitions_since(0, 100000)), default=0)
-        if args.demo:
+        if getattr(args, "demo", False):
             last = 0
+        started = asyncio.get_running_loop().time()
+        next_summary = started
         try:
             while not stop.is_set():
-                for t in await store.transitions_since(last):
-                    last = t.id
-                    _say(_fmt(t))
-                    if t.to_state in ("COMPLETED", "FAILED", "TIMEOUT", "CANCELLED"):
-                        pending.discard(t.product_user_id)
-                if args.exit_when_done and args.demo and not pending:
-                    _say("all demo nodes finished; stopping.")
-                    break
+                now = asyncio.get_running_loop().time()
+                if smtp is not None:
+                    if now >= next_summary:  # thousands of users: a summary, not every line
+                        counts = await queues.execution.getJobCounts(
+                            "waiting", "delayed", "active", "completed", "failed"
+                        )
+                        _say(
+                            f"{utcnow():%H:%M:%S}  emails sent {smtp.received:>5}  "
+                            + "  ".join(f"{k} {v}" for k, v in counts.items())
+                        )
+                        next_summary = now + 2
+                    if args.duration and now - started >= args.duration:
+                        _say(f"--duration {args.duration:g} s reached; stopping.")
+                        break
+                else:
+                    for t in await store.transitions_since(last):
+                        last = t.id
+                        _say(_fmt(t))
+                        if t.to_state in ("COMPLETED", "FAILED", "TIMEOUT", "CANCELLED"):
+                            pending.discard(t.product_user_id)
+                    if args.exit_when_done and args.demo and not pending:
+                        _say("all demo nodes finished; stopping.")
+                        break
                 try:
                     await asyncio.wait_for(stop.wait(), 0.25)
                 except TimeoutError:
                     pass
         finally:
             _say("stopping: finishing in-flight jobs ...")
+            if activating is not None:
+                activating.cancel()
             await api.stop()
             await worker.close()
             await queues.close()
             await store.close()
     finally:
+        for sink in sinks:
+            sink.stop()  # type: ignore[attr-defined]
         if embedded:
             embedded.stop()
     _say("stopped cleanly.")
@@ -187,13 +226,15 @@ class _Server:
 def _api_port(settings: Settings) -> int:
     import socket
 
+    from .embedded import free_port
+
+    if settings.api_port == 0:
+        return free_port()
     with socket.socket() as s:
         try:
             s.bind((settings.api_host, settings.api_port))
             return settings.api_port
         except OSError:
-            from .embedded import free_port
-
             port = free_port()
             _say(f"port {settings.api_port} is taken; the API uses {port} (set API_PORT to choose)")
             return port
@@ -362,6 +403,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--exit-when-done", action="store_true", help="with --demo: stop once the demo finished"
     )
+    demo = sub.add_parser(
+        "demo",
+        help="run with an example campaign, thousands of users, an SMTP sink and a flaky hook",
+        description="Everything `run` does, plus an example onboarding campaign for generated "
+        "users (with a progress bar), email to a local SMTP sink and a web hook that fails for "
+        "some users so you can retry them from the dashboard.",
+    )
+    demo.add_argument("--users", type=int, default=1000, help="generated users (default 1000)")
+    demo.add_argument("--duration", type=float, default=0, help="stop after this many seconds")
     sub.add_parser("worker", help="process both queues until SIGTERM/SIGINT")
     sub.add_parser("api", help="serve the HTTP API (API_HOST, API_PORT, API_TOKEN)")
     sub.add_parser("status", help="queue counts, live workers and node visits by state")
@@ -389,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {
     "run": cmd_run,
+    "demo": cmd_run,
     "worker": cmd_worker,
     "api": cmd_api,
     "status": cmd_status,
@@ -407,7 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         default_registry(
             settings, settings.handler_modules
         )  # a bad handler module fails here, first
-        if args.command != "run":
+        if args.command not in ("run", "demo"):
             Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
         return asyncio.run(COMMANDS[args.command](settings, args))
     except SchedulerError as exc:

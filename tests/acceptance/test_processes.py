@@ -218,3 +218,21 @@ def test_worker_refuses_an_unmigrated_database(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "campaign-scheduler migrate" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_demo_command_flows_users_to_email(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        _cli("demo", "--users", "40", "--duration", "30"),
+        cwd=tmp_path,
+        env=_env(API_PORT="0"),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "creating users" in out and "40/40" in out  # the progress bar
+    assert "open http://127.0.0.1:" in out and "token:" in out
+    sent = [int(m) for m in re.findall(r"emails sent +(\d+)", out)]
+    assert sent and sent[-1] > 0, out[-2000:]
+    assert "stopped cleanly." in out

@@ -58,7 +58,7 @@ async def test_trigger_wait_filter_email_for_200_users(
         [
             ("signup", "Trigger", {"event": "signed_up"}),
             ("pause", "Wait", {"seconds": 1}),
-            ("activated", "Filter", {"condition": {"event": "activated"}, "waitValue": 10, "waitUnit": "seconds"}),
+            ("activated", "Filter", {"condition": {"event": "activated"}, "waitValue": 30, "waitUnit": "seconds"}),
             ("welcome", "Email", {"subject": "Welcome aboard, {{ user.first_name }}",
                                   "body": "Hi {{ user.first_name }}, thanks for activating {{ campaign.name }}."}),
             ("nudge", "Email", {"subject": "Need a hand, {{ user.first_name }}?",
@@ -92,16 +92,16 @@ async def test_trigger_wait_filter_email_for_200_users(
         return not before_left
 
     before_left = set(groups["before"])
-    await wait_for(send_to_waiting, timeout=60, every=0.3)
+    await wait_for(send_to_waiting, timeout=150, every=0.3)
     # "after": the deadline has passed when the event comes; it must change nothing.
-    await wait_for(lambda: all_in("after", "TIMEOUT"), timeout=60, every=0.5)
+    await wait_for(lambda: all_in("after", "TIMEOUT"), timeout=150, every=0.5)
     await engine.record_events([EventIn(u, "activated") for u in groups["after"]])
 
     async def all_mailed() -> bool:
         done = await store.list_states({"COMPLETED"}, campaign_id=c, limit=5000)  # type: ignore[arg-type]
         return sum(r.node_id in ("welcome", "nudge") for r in done) == 200
 
-    await wait_for(all_mailed, timeout=90, every=0.5)
+    await wait_for(all_mailed, timeout=180, every=0.5)
     await asyncio.sleep(1)  # nothing more may arrive
     waited_then_matched = 0
     for group, users in groups.items():
