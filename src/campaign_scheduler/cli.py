@@ -313,6 +313,12 @@ async def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from .worker import serve
 
     logs.setup(settings.log_level)
+    if settings.metrics_port:
+        from prometheus_client import start_http_server
+
+        # Job histograms and counters live in the process that runs the jobs.
+        start_http_server(settings.metrics_port, addr=settings.api_host)
+        _say(f"worker metrics on http://{settings.api_host}:{settings.metrics_port}/metrics")
     await serve(settings)
     return 0
 

@@ -52,6 +52,7 @@ _HINTS: dict[str, tuple[str, str]] = {
     "email_from": ("EMAIL_FROM", "an address such as news@example.com"),
     "message_id_domain": ("MESSAGE_ID_DOMAIN", "a domain name such as example.com"),
     "api_port": ("API_PORT", "a port number such as 8000"),
+    "metrics_port": ("SCHEDULER_METRICS_PORT", "a port number such as 9100, or 0 for none"),
     "handler_modules": ("SCHEDULER_HANDLER_MODULES", "comma-separated importable module names"),
 }
 
@@ -103,6 +104,8 @@ class Settings(BaseSettings):
     api_token: str | None = Field(None, validation_alias="API_TOKEN")
     api_host: str = Field("127.0.0.1", validation_alias="API_HOST")
     api_port: int = Field(8000, ge=0, le=65535, validation_alias="API_PORT")
+    # A worker process serves its own job metrics here (0: not served).
+    metrics_port: int = Field(0, ge=0, le=65535, validation_alias="SCHEDULER_METRICS_PORT")
     # Modules with a `register(registry)` function that adds node handlers by kind.
     handler_modules: str = Field("", validation_alias="SCHEDULER_HANDLER_MODULES")
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 
 from campaign_scheduler.config import Settings
@@ -106,6 +107,33 @@ async def test_sigterm_finishes_in_flight_takes_nothing_new_and_exits_0(
     assert marker.read_text().count("\n") == 1
     log = (tmp_path / "w1.log").read_text()
     assert '"shutdown_requested"' in log and '"worker_stopped"' in log
+
+
+async def test_a_standalone_worker_serves_its_job_metrics(
+    settings: Settings, store: StateStore, queues: Queues, tmp_path: Path
+) -> None:
+    from campaign_scheduler.embedded import free_port
+
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        *_cli("worker"),
+        env=_env(settings, SCHEDULER_METRICS_PORT=str(port)),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        (v,) = await make_visit(store, kind="Log")
+        await SchedulingService(store, queues, settings).schedule_campaign_node(
+            *v.key[:2], v.user_id, v.product_user_id, utcnow()
+        )
+        await wait_for(lambda: _state_is(store, NodeKey(*v.key), "COMPLETED"), timeout=30)
+        async with httpx.AsyncClient() as client:
+            text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+        assert 'campaign_jobs_completed_total{queue="campaign-execution"} 1.0' in text
+        assert 'campaign_job_lateness_seconds_count{queue="campaign-execution"} 1.0' in text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 30)
 
 
 async def test_kill_9_mid_job_second_worker_completes_once(
@@ -236,3 +264,52 @@ def test_demo_command_flows_users_to_email(tmp_path: Path) -> None:
     sent = [int(m) for m in re.findall(r"emails sent +(\d+)", out)]
     assert sent and sent[-1] > 0, out[-2000:]
     assert "stopped cleanly." in out
+
+
+def test_every_command_has_help() -> None:
+    from campaign_scheduler.cli import COMMANDS
+
+    for command in COMMANDS:
+        proc = subprocess.run(
+            _cli(command, "--help"), env=_env(), capture_output=True, text=True, timeout=60
+        )
+        assert proc.returncode == 0 and "usage: campaign-scheduler" in proc.stdout, command
+
+
+async def test_status_and_retry_failed_commands(
+    settings: Settings, store: StateStore, queues: Queues, spawn: object, tmp_path: Path
+) -> None:
+    marker = tmp_path / "done.txt"
+    (v,) = await make_visit(store, kind="Slow", config={"sleep": 0, "marker": str(marker)})
+    (bad,) = await make_visit(store, kind="Nope")  # no handler: FAILED at once
+    spawn("w")  # type: ignore[operator]
+    svc = SchedulingService(store, queues, settings)
+    await svc.schedule_campaign_node(*v.key[:2], v.user_id, v.product_user_id, utcnow())
+    await svc.schedule_campaign_node(*bad.key[:2], bad.user_id, bad.product_user_id, utcnow())
+    await wait_for(lambda: _state_is(store, NodeKey(*v.key), "COMPLETED"), timeout=30)
+    await wait_for(lambda: _state_is(store, NodeKey(*bad.key), "FAILED"), timeout=30)
+    await asyncio.sleep(1)  # the failed job reaches Redis' failed set
+    status = await asyncio.create_subprocess_exec(
+        *_cli("status"),
+        env=_env(settings),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await status.communicate()
+    text = out.decode()
+    assert status.returncode == 0, err.decode()
+    assert re.search(r"campaign-execution\s+\d+\s+\d+\s+\d+\s+1\s+1", text), (
+        text
+    )  # completed 1, failed 1
+    assert "live workers: 1" in text and "COMPLETED 1" in text and "FAILED 1" in text
+    retry = await asyncio.create_subprocess_exec(
+        *_cli("retry-failed"),
+        env=_env(settings),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await retry.communicate()
+    assert retry.returncode == 0 and "1 failed job(s) retried" in out.decode(), err.decode()
+    row = await store.get_state(NodeKey(*bad.key))
+    assert row is not None
+    assert "retry_requested" in [t.reason for t in await store.history(row.id)]

@@ -84,6 +84,8 @@ async def test_campaign_lifecycle_over_http(client: httpx.AsyncClient, store: St
         ("l", "RUNNING"),
         ("l", "COMPLETED"),
     ]
+    trail = (await client.get("/api/campaigns/web/audit?limit=100", headers=AUTH)).json()
+    assert len(trail["items"]) == 18 and trail["next"] is None  # 3 users x 2 nodes x 3 changes
     assert (await client.post("/api/campaigns/web/stop", headers=AUTH)).json() == {"cancelled": 0}
 
 
@@ -167,6 +169,11 @@ async def test_metrics(
     assert "campaign_worker_heartbeat_timestamp_seconds" in text
 
 
+async def _is(store: StateStore, key: NodeKey, state: str) -> bool:
+    row = await store.get_state(key)
+    return row is not None and row.state == state
+
+
 async def _completed(store: StateStore, key: tuple[str, str, str]) -> bool:
     row = await store.get_state(NodeKey(*key))
     return row is not None and row.state == "COMPLETED"
@@ -183,3 +190,17 @@ async def test_redis_down_is_a_503_with_the_fix(settings: Settings) -> None:
             and "Redis at redis://127.0.0.1:1/0 is unavailable" in r.json()["detail"]
         )
         assert (await client.get("/metrics")).status_code == 200
+
+
+async def test_database_down_is_a_503_with_the_fix(settings: Settings) -> None:
+    dead = settings.model_copy(update={"database_url": "postgresql://nobody@127.0.0.1:1/nothing"})
+    async with serve(dead) as client:
+        r = await client.get("/api/campaigns/web", headers=AUTH)
+        assert r.status_code == 503 and "DATABASE_URL" in r.json()["detail"]
+        assert "Traceback" not in r.text
+        r = await client.post(
+            "/api/events", json={"productUserId": "u", "name": "go"}, headers=AUTH
+        )
+        assert r.status_code == 503
+        ready = await client.get("/ready")
+        assert ready.status_code == 503 and "DATABASE_URL" in ready.json()["database"]
