@@ -35,6 +35,8 @@ from .store import Actor, NodeKey, StateStore
 from .worker import live_workers
 
 MAX_ID = 2**62  # cursors above this fit no database integer: a 422, not a 500
+After = Annotated[int, Query(ge=0, le=MAX_ID, description="cursor: the `next` of the last page")]
+Limit = Annotated[int, Query(ge=1, le=1000)]
 DASHBOARD = Path(__file__).parent / "static" / "dashboard.html"
 # Module level: FastAPI resolves the (postponed) annotations that use it in module globals.
 BEARER = HTTPBearer(auto_error=False)
@@ -325,8 +327,8 @@ def create_app(settings: Settings, token: str | None = None) -> FastAPI:
     @app.get("/api/campaigns/{campaign_id}/states", dependencies=secured, tags=["audit"])
     async def campaign_states(
         campaign_id: str,
-        after: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
-        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        after: After = 0,
+        limit: Limit = 100,
     ) -> dict[str, Any]:
         rows = await api.store.list_states(
             set(NodeState), campaign_id=campaign_id, after_id=after, limit=limit
@@ -339,16 +341,16 @@ def create_app(settings: Settings, token: str | None = None) -> FastAPI:
     @app.get("/api/campaigns/{campaign_id}/audit", dependencies=secured, tags=["audit"])
     async def campaign_audit(
         campaign_id: str,
-        after: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
-        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        after: After = 0,
+        limit: Limit = 100,
     ) -> dict[str, Any]:
         return await _audit(NodeTransition.campaign_id == campaign_id, after, limit)
 
     @app.get("/api/product-users/{product_user_id}/audit", dependencies=secured, tags=["audit"])
     async def user_audit(
         product_user_id: str,
-        after: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
-        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        after: After = 0,
+        limit: Limit = 100,
     ) -> dict[str, Any]:
         return await _audit(NodeTransition.product_user_id == product_user_id, after, limit)
 
