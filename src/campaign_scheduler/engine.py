@@ -17,7 +17,6 @@ from .config import Settings
 from .db import Campaign, CampaignNode, Event, NodeStateRow, ProductUser
 from .errors import InvalidInput, NotFound, StateConflict
 from .graph import (
-    ENTRY_KINDS,
     AudienceConfig,
     EdgeKind,
     EdgeSpec,
@@ -369,7 +368,3 @@ class CampaignEngine:
         name = user.timezone or campaign.timezone or self.settings.default_timezone
         resolve_zone(name)
         return name
-
-
-def is_entry(kind: str) -> bool:
-    return kind in ENTRY_KINDS

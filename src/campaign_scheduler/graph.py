@@ -141,10 +141,6 @@ CONFIG_MODELS: dict[NodeKind, type[BaseModel]] = {
 }
 
 
-def parse_config(kind: str, config: dict[str, Any]) -> Any:
-    return CONFIG_MODELS[NodeKind(kind)].model_validate(config)
-
-
 @dataclass(frozen=True)
 class NodeSpec:
     id: str

@@ -53,10 +53,6 @@ ALLOWED: frozenset[tuple[NodeState | None, NodeState]] = frozenset(
 )
 
 
-def is_terminal(state: NodeState | str) -> bool:
-    return NodeState(state) in TERMINAL
-
-
 def check_transition(src: NodeState | None, dst: NodeState) -> None:
     """Raise ValueError for a transition the machine does not have (a programming error)."""
     if (src, dst) not in ALLOWED:

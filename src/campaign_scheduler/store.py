@@ -372,10 +372,6 @@ class StateStore:
         async with self.session(readonly=True) as s:
             return await s.get(Campaign, campaign_id)
 
-    async def get_node(self, node_id: str) -> CampaignNode | None:
-        async with self.session(readonly=True) as s:
-            return await s.get(CampaignNode, node_id)
-
     async def get_product_user(self, product_user_id: str) -> ProductUser | None:
         async with self.session(readonly=True) as s:
             return await s.get(ProductUser, product_user_id)
