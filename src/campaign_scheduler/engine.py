@@ -11,6 +11,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from .conditions import Condition, evaluate, events_named
 from .config import Settings
@@ -32,7 +33,7 @@ from .logs import event
 from .scheduling import SchedulingService
 from .states import CampaignState, NodeState
 from .store import Actor, NodeKey, StateStore, Successor
-from .timewindows import ensure_utc, resolve_zone, utcnow
+from .timewindows import ensure_utc, utcnow
 
 log = logging.getLogger(__name__)
 ENGINE = Actor(worker="engine")
@@ -284,18 +285,14 @@ class CampaignEngine:
         row: NodeStateRow,
         edge: EdgeKind,
         now: datetime | None = None,
-        zone_name: str | None = None,
+        zone: ZoneInfo | None = None,
     ) -> list[Successor]:
         now = now or utcnow()
         graph = await self.graph(row.campaign_id)
         targets = graph.out.get((row.node_id, edge.value), [])
         if not targets:
             return []
-        zone = (
-            resolve_zone(zone_name)
-            if zone_name
-            else await self.scheduling.zone_for(row.campaign_id, row.product_user_id)
-        )
+        zone = zone or await self.scheduling.zone_for(row.campaign_id, row.product_user_id)
         hours = self.settings.business_hours()
         return [
             Successor(
@@ -323,8 +320,8 @@ class CampaignEngine:
         edge = EdgeKind.TIMEOUT if to == NodeState.TIMEOUT else EdgeKind.DEFAULT
         campaign = campaign or await self.store.get_campaign(row.campaign_id)
         running = campaign is not None and campaign.state == CampaignState.RUNNING
-        zone = self.zone_name(campaign, user) if campaign is not None and user else None
-        successors = await self.successors(row, edge, zone_name=zone) if running else []
+        zone = self.scheduling.zone_of(campaign, user) if user is not None else None
+        successors = await self.successors(row, edge, zone=zone) if running else []
         vals = {"completed_at": utcnow(), **(values or {})}
         if to == NodeState.TIMEOUT:
             vals["did_timeout"] = True
@@ -363,8 +360,3 @@ class CampaignEngine:
         # An event that arrived while we evaluated saw no WAITING row: look once more.
         await self.reevaluate_filters(row.product_user_id)
         return waiting
-
-    def zone_name(self, campaign: Campaign, user: ProductUser) -> str:
-        name = user.timezone or campaign.timezone or self.settings.default_timezone
-        resolve_zone(name)
-        return name

@@ -12,7 +12,7 @@ from redis.exceptions import RedisError
 
 from .config import Settings
 from .connections import Enqueued, Queues, redis_unavailable
-from .db import NodeStateRow
+from .db import Campaign, NodeStateRow, ProductUser
 from .errors import InvalidInput
 from .jobs import (
     EXECUTION_JOB,
@@ -184,12 +184,16 @@ class SchedulingService:
 
     # ---- run-time rules -----------------------------------------------------------------
 
-    async def zone_for(self, campaign_id: str, product_user_id: str) -> ZoneInfo:
+    def zone_of(self, campaign: Campaign | None, user: ProductUser | None) -> ZoneInfo:
         """The product user's zone, else the campaign's, else SCHEDULER_DEFAULT_TIMEZONE."""
-        user = await self.store.get_product_user(product_user_id)
-        campaign = await self.store.get_campaign(campaign_id)
         name = (user and user.timezone) or (campaign and campaign.timezone)
         return resolve_zone(name or self.settings.default_timezone)
+
+    async def zone_for(self, campaign_id: str, product_user_id: str) -> ZoneInfo:
+        """`zone_of`, loading the user and campaign first."""
+        user = await self.store.get_product_user(product_user_id)
+        campaign = await self.store.get_campaign(campaign_id)
+        return self.zone_of(campaign, user)
 
     async def business_hours_time(
         self,
