@@ -61,6 +61,7 @@ class CampaignEngine:
         self.scheduling = scheduling
         self.settings = settings
         self._graphs: dict[str, Graph] = {}  # campaign graphs never change after creation
+        self.hours = settings.business_hours()  # parsed once, not on every move
 
     # ---- campaigns ------------------------------------------------------------------------
 
@@ -293,10 +294,9 @@ class CampaignEngine:
         if not targets:
             return []
         zone = zone or await self.scheduling.zone_for(row.campaign_id, row.product_user_id)
-        hours = self.settings.business_hours()
         return [
             Successor(
-                t, arrival_run_at(graph.nodes[t].kind, graph.nodes[t].config, now, zone, hours)
+                t, arrival_run_at(graph.nodes[t].kind, graph.nodes[t].config, now, zone, self.hours)
             )
             for t in targets
         ]
