@@ -263,21 +263,29 @@ class CampaignEngine:
                     await self.store.user_events(row.product_user_id),
                 )
             user, events = cache[row.product_user_id]
-            node = (await self.graph(row.campaign_id)).nodes[row.node_id]
-            cfg = FilterConfig.model_validate(node.config)
-            if user is not None and evaluate(cfg.condition, user.traits or {}, events, utcnow()):
+            if await self._filter_holds(row, user, events, utcnow()):
                 moved += await self.move_on(row, NodeState.COMPLETED, "matched", ENGINE) is not None
         return moved
 
     async def matched_by(self, row: NodeStateRow, deadline: datetime) -> bool:
         """Did this waiting Filter's condition hold at its deadline (events up to then)?"""
-        node = (await self.graph(row.campaign_id)).nodes[row.node_id]
-        if node.kind != NodeKind.FILTER:
-            return False
         user = await self.store.get_product_user(row.product_user_id)
         events = [e for e in await self.store.user_events(row.product_user_id) if e[1] <= deadline]
+        return await self._filter_holds(row, user, events, deadline)
+
+    async def _filter_holds(
+        self,
+        row: NodeStateRow,
+        user: ProductUser | None,
+        events: list[tuple[str, datetime]],
+        at: datetime,
+    ) -> bool:
+        """Is `row` a Filter visit whose condition holds for this user at `at`?"""
+        node = (await self.graph(row.campaign_id)).nodes[row.node_id]
+        if node.kind != NodeKind.FILTER or user is None:
+            return False
         cfg = FilterConfig.model_validate(node.config)
-        return user is not None and evaluate(cfg.condition, user.traits or {}, events, deadline)
+        return evaluate(cfg.condition, user.traits or {}, events, at)
 
     # ---- moving along edges ------------------------------------------------------------
 
