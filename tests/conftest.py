@@ -24,11 +24,10 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-import uvicorn
 from aiosmtpd.controller import Controller
 from sqlalchemy.engine import make_url
 
-from campaign_scheduler.api import create_app
+from campaign_scheduler.api import ApiServer
 from campaign_scheduler.config import Settings, load_settings
 from campaign_scheduler.connections import Queues
 from campaign_scheduler.embedded import EmbeddedRedis, free_port
@@ -320,23 +319,12 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 @contextlib.asynccontextmanager
 async def serve(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    port = free_port()
-
-    class Server(uvicorn.Server):
-        @contextlib.contextmanager
-        def capture_signals(self):  # type: ignore[no-untyped-def]
-            yield
-
-    server = Server(
-        uvicorn.Config(create_app(settings, TOKEN), host="127.0.0.1", port=port, log_config=None)
-    )
-    task = asyncio.ensure_future(server.serve())
-    while not server.started:
-        assert not task.done(), task.exception()
-        await asyncio.sleep(0.02)
+    server = ApiServer(settings.model_copy(update={"api_host": "127.0.0.1"}), TOKEN, free_port())
+    await server.start()
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{server.port}", timeout=30
+        ) as client:
             yield client
     finally:
-        server.should_exit = True
-        await task
+        await server.stop()

@@ -3,6 +3,8 @@ failed jobs, health and Prometheus metrics. OpenAPI at /docs."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -10,6 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -26,7 +29,7 @@ from .config import Settings
 from .connections import Queues, redis_unavailable
 from .db import NodeStateRow, NodeTransition
 from .engine import CampaignEngine, EventIn
-from .errors import BackendUnavailable, InvalidInput, NotFound, StateConflict
+from .errors import BackendUnavailable, InvalidInput, NotFound, SchedulerError, StateConflict
 from .graph import EdgeSpec, NodeSpec
 from .jobs import check_id_part
 from .scheduling import SchedulingService
@@ -477,3 +480,35 @@ async def retry_failed_job(api: Api, queue: Any, job_id: str) -> bool:
             )  # fmt: skip
     await job.retry("failed")
     return True
+
+
+class ApiServer:
+    """uvicorn inside our own event loop, stopped by our signal handling (not uvicorn's), so
+    one SIGTERM stops a `run` process's worker and API together."""
+
+    def __init__(self, settings: Settings, token: str, port: int) -> None:
+        class Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self):  # type: ignore[no-untyped-def]
+                yield  # SIGTERM/SIGINT are ours
+
+        config = uvicorn.Config(
+            create_app(settings, token), host=settings.api_host, port=port, log_config=None,
+            access_log=False, lifespan="on",
+        )  # fmt: skip
+        self.server = Server(config)
+        self.port = port
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.task = asyncio.ensure_future(self.server.serve())
+        while not self.server.started:
+            if self.task.done():
+                self.task.result()  # raises the start-up error (e.g. port in use)
+                raise SchedulerError("the API server stopped at start-up")
+            await asyncio.sleep(0.02)
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        if self.task is not None:
+            await self.task

@@ -101,7 +101,9 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
 
         token = settings.api_token or secrets.token_urlsafe(24)
         port = _api_port(settings)
-        api = _Server(settings, token, port)
+        from .api import ApiServer
+
+        api = ApiServer(settings, token, port)
         await api.start()
         note = "" if settings.api_token else "  (generated; set API_TOKEN to keep one)"
         _say(
@@ -187,42 +189,6 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
 # ---- the HTTP API ------------------------------------------------------------------------
 
 
-class _Server:
-    """uvicorn inside our own event loop, stopped by our signal handling (not uvicorn's)."""
-
-    def __init__(self, settings: Settings, token: str, port: int) -> None:
-        import contextlib
-
-        import uvicorn
-
-        from .api import create_app
-
-        class Server(uvicorn.Server):
-            @contextlib.contextmanager
-            def capture_signals(self):  # type: ignore[no-untyped-def]
-                yield  # SIGTERM/SIGINT are ours: they stop the worker and the API together
-
-        config = uvicorn.Config(
-            create_app(settings, token), host=settings.api_host, port=port, log_config=None,
-            access_log=False, lifespan="on",
-        )  # fmt: skip
-        self.server = Server(config)
-        self.task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        self.task = asyncio.ensure_future(self.server.serve())
-        while not self.server.started:
-            if self.task.done():
-                self.task.result()  # raises the start-up error (e.g. port in use)
-                raise SchedulerError("the API server stopped at start-up")
-            await asyncio.sleep(0.05)
-
-    async def stop(self) -> None:
-        self.server.should_exit = True
-        if self.task is not None:
-            await self.task
-
-
 def _api_port(settings: Settings) -> int:
     import socket
 
@@ -252,7 +218,9 @@ async def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
         _say(f"API_TOKEN is not set: this run uses the generated token {token}")
     stop = asyncio.Event()
     install_stop_signals(stop)
-    server = _Server(settings, token, settings.api_port)
+    from .api import ApiServer
+
+    server = ApiServer(settings, token, settings.api_port)
     await server.start()
     _say(f"API on http://{settings.api_host}:{settings.api_port} (OpenAPI at /docs)")
     await stop.wait()
