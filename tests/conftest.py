@@ -34,7 +34,7 @@ from campaign_scheduler.embedded import EmbeddedRedis, free_port
 from campaign_scheduler.errors import NonRetryableError
 from campaign_scheduler.migrate import upgrade
 from campaign_scheduler.processors import HandlerRegistry, NodeContext, default_registry
-from campaign_scheduler.store import StateStore
+from campaign_scheduler.store import NodeKey, StateStore
 from campaign_scheduler.worker import SchedulerWorker
 
 PG_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -299,6 +299,12 @@ async def make_visit(
         await store.upsert_product_user(pu, account, email=f"{pu}@example.test", timezone=user_tz)
         visits.append(Visit(campaign_id, node_id, account, pu))
     return visits
+
+
+async def has_state(store: StateStore, key: NodeKey | tuple[str, str, str], state: str) -> bool:
+    """Is this visit (campaign, node, product user) in `state` right now?"""
+    row = await store.get_state(key if isinstance(key, NodeKey) else NodeKey(*key))
+    return row is not None and row.state == state
 
 
 async def wait_for(

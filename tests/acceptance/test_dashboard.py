@@ -11,7 +11,7 @@ from campaign_scheduler.config import Settings
 from campaign_scheduler.store import NodeKey, StateStore
 from campaign_scheduler.timewindows import utcnow
 from campaign_scheduler.worker import SchedulerWorker
-from tests.conftest import TOKEN, make_visit, serve, wait_for
+from tests.conftest import TOKEN, has_state, make_visit, serve, wait_for
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_MISSING = not Path(CHROMIUM).exists()
@@ -30,11 +30,7 @@ async def test_retry_button_really_reruns_a_failed_job(
     )
     key = NodeKey(*v.key)
 
-    async def state_is(s: str) -> bool:
-        row = await store.get_state(key)
-        return row is not None and row.state == s
-
-    await wait_for(lambda: state_is("FAILED"), timeout=20)
+    await wait_for(lambda: has_state(store, key, "FAILED"), timeout=20)
     async with serve(settings) as client, async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         page = await browser.new_page()
@@ -52,7 +48,9 @@ async def test_retry_button_really_reruns_a_failed_job(
         )
         await page.screenshot(path=str(tmp_path / "failed.png"), full_page=True)
         await retry.click()
-        await wait_for(lambda: state_is("COMPLETED"), timeout=20)  # the job really ran again
+        await wait_for(
+            lambda: has_state(store, key, "COMPLETED"), timeout=20
+        )  # the job really ran again
         await page.locator("#failed").get_by_text("none").wait_for(timeout=10000)
         # The campaign funnel and the user's journey from the audit trail.
         await page.fill("#campaign", v.campaign_id)

@@ -22,7 +22,7 @@ from campaign_scheduler.connections import Queues
 from campaign_scheduler.scheduling import SchedulingService
 from campaign_scheduler.store import NodeKey, StateStore
 from campaign_scheduler.timewindows import utcnow
-from tests.conftest import make_visit, wait_for
+from tests.conftest import has_state, make_visit, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -76,11 +76,6 @@ async def _running(store: StateStore, key: NodeKey) -> bool:
     return row is not None and row.state == "RUNNING"
 
 
-async def _state_is(store: StateStore, key: NodeKey, state: str) -> bool:
-    row = await store.get_state(key)
-    return row is not None and row.state == state
-
-
 async def test_sigterm_finishes_in_flight_takes_nothing_new_and_exits_0(
     settings: Settings, store: StateStore, queues: Queues, spawn: object, tmp_path: Path
 ) -> None:
@@ -102,8 +97,8 @@ async def test_sigterm_finishes_in_flight_takes_nothing_new_and_exits_0(
     while proc.poll() is None and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
     assert proc.returncode == 0, (tmp_path / "w1.log").read_text()
-    assert await _state_is(store, k1, "COMPLETED")  # in-flight job finished
-    assert await _state_is(store, NodeKey(*second.key), "PENDING")  # nothing new taken
+    assert await has_state(store, k1, "COMPLETED")  # in-flight job finished
+    assert await has_state(store, NodeKey(*second.key), "PENDING")  # nothing new taken
     assert marker.read_text().count("\n") == 1
     log = (tmp_path / "w1.log").read_text()
     assert '"shutdown_requested"' in log and '"worker_stopped"' in log
@@ -126,7 +121,7 @@ async def test_a_standalone_worker_serves_its_job_metrics(
         await SchedulingService(store, queues, settings).schedule_campaign_node(
             *v.key[:2], v.user_id, v.product_user_id, utcnow()
         )
-        await wait_for(lambda: _state_is(store, NodeKey(*v.key), "COMPLETED"), timeout=30)
+        await wait_for(lambda: has_state(store, NodeKey(*v.key), "COMPLETED"), timeout=30)
         async with httpx.AsyncClient() as client:
             text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
         assert 'campaign_jobs_completed_total{queue="campaign-execution"} 1.0' in text
@@ -150,7 +145,7 @@ async def test_kill_9_mid_job_second_worker_completes_once(
     a.wait()
     killed_at = time.monotonic()
     spawn("b")  # type: ignore[operator]
-    await wait_for(lambda: _state_is(store, key, "COMPLETED"), timeout=40)
+    await wait_for(lambda: has_state(store, key, "COMPLETED"), timeout=40)
     picked_up = time.monotonic() - killed_at
     row = await store.get_state(key)
     assert row is not None
@@ -286,8 +281,8 @@ async def test_status_and_retry_failed_commands(
     svc = SchedulingService(store, queues, settings)
     await svc.schedule_campaign_node(*v.key[:2], v.user_id, v.product_user_id, utcnow())
     await svc.schedule_campaign_node(*bad.key[:2], bad.user_id, bad.product_user_id, utcnow())
-    await wait_for(lambda: _state_is(store, NodeKey(*v.key), "COMPLETED"), timeout=30)
-    await wait_for(lambda: _state_is(store, NodeKey(*bad.key), "FAILED"), timeout=30)
+    await wait_for(lambda: has_state(store, NodeKey(*v.key), "COMPLETED"), timeout=30)
+    await wait_for(lambda: has_state(store, NodeKey(*bad.key), "FAILED"), timeout=30)
     await asyncio.sleep(1)  # the failed job reaches Redis' failed set
     status = await asyncio.create_subprocess_exec(
         *_cli("status"),

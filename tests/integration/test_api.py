@@ -13,7 +13,7 @@ from campaign_scheduler.config import Settings
 from campaign_scheduler.store import NodeKey, StateStore
 from campaign_scheduler.timewindows import utcnow
 from campaign_scheduler.worker import SchedulerWorker
-from tests.conftest import AUTH, make_visit, serve, wait_for
+from tests.conftest import AUTH, has_state, make_visit, serve, wait_for
 
 
 @pytest.fixture
@@ -124,24 +124,37 @@ async def test_schedule_cancel_and_failed_job_retry(
     assert r.status_code == 201 and r.json()["state"] == "PENDING"
     key = NodeKey(*v.key)
 
-    async def state_is(s: str) -> bool:
-        row = await store.get_state(key)
-        return row is not None and row.state == s
-
-    await wait_for(lambda: state_is("FAILED"), timeout=20)
+    await wait_for(lambda: has_state(store, key, "FAILED"), timeout=20)
     failed = (await client.get("/api/failed-jobs/execution", headers=AUTH)).json()
     assert failed["total"] == 1 and "attempt 3" in failed["items"][0]["failedReason"]
     job_id = failed["items"][0]["id"]
     assert (
         await client.post(f"/api/failed-jobs/execution/{job_id}/retry", headers=AUTH)
     ).status_code == 200
-    await wait_for(lambda: state_is("COMPLETED"), timeout=20)  # attempt 4 succeeds
+    await wait_for(lambda: has_state(store, key, "COMPLETED"), timeout=20)  # attempt 4 succeeds
     row = await store.get_state(key)
     assert row is not None and row.attempts == 4
     assert "retry_requested" in [t.reason for t in await store.history(row.id)]
     assert (
         await client.delete(f"/api/failed-jobs/execution/{job_id}", headers=AUTH)
-    ).status_code == 404
+    ).status_code == 404  # no longer failed
+    (x,) = await make_visit(store, config={"nonretryable": True})
+    xbody = {**body, "campaignId": x.campaign_id, "nodeId": x.node_id, "userId": x.user_id,
+             "productUserId": x.product_user_id}  # fmt: skip
+    assert (await client.post("/api/schedule", json=xbody, headers=AUTH)).status_code == 201
+    await wait_for(lambda: has_state(store, x.key, "FAILED"), timeout=20)
+
+    async def listed() -> bool:
+        return bool((await client.get("/api/failed-jobs/execution", headers=AUTH)).json()["total"])
+
+    await wait_for(listed, timeout=10)
+    failed_id = (await client.get("/api/failed-jobs/execution", headers=AUTH)).json()["items"][0][
+        "id"
+    ]
+    r = await client.delete(f"/api/failed-jobs/execution/{failed_id}", headers=AUTH)
+    assert r.json() == {"removed": True}
+    assert (await client.get("/api/failed-jobs/execution", headers=AUTH)).json()["total"] == 0
+    assert (await client.get("/api/failed-jobs/nope", headers=AUTH)).status_code == 404
 
     (w,) = await make_visit(store)
     later = {**body, "campaignId": w.campaign_id, "nodeId": w.node_id, "userId": w.user_id,
@@ -160,23 +173,13 @@ async def test_metrics(
     await worker.scheduling.schedule_campaign_node(
         *v.key[:2], v.user_id, v.product_user_id, utcnow()
     )
-    await wait_for(lambda: _completed(store, v.key))
+    await wait_for(lambda: has_state(store, v.key, "COMPLETED"))
     text = (await client.get("/metrics")).text
     assert 'campaign_queue_jobs{queue="campaign-execution",state="completed"}' in text
     assert "campaign_live_workers 1.0" in text
     assert 'campaign_jobs_completed_total{queue="campaign-execution"}' in text
     assert "campaign_job_lateness_seconds_bucket" in text
     assert "campaign_worker_heartbeat_timestamp_seconds" in text
-
-
-async def _is(store: StateStore, key: NodeKey, state: str) -> bool:
-    row = await store.get_state(key)
-    return row is not None and row.state == state
-
-
-async def _completed(store: StateStore, key: tuple[str, str, str]) -> bool:
-    row = await store.get_state(NodeKey(*key))
-    return row is not None and row.state == "COMPLETED"
 
 
 async def test_redis_down_is_a_503_with_the_fix(settings: Settings) -> None:

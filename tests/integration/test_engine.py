@@ -20,7 +20,7 @@ from campaign_scheduler.processors import NodeContext
 from campaign_scheduler.store import NodeKey, StateStore
 from campaign_scheduler.timewindows import next_business_instant, resolve_zone, utcnow
 from campaign_scheduler.worker import SchedulerWorker
-from tests.conftest import HttpSink, Mailbox, wait_for
+from tests.conftest import HttpSink, Mailbox, has_state, wait_for
 
 ACCT = "acct-1"
 
@@ -41,11 +41,6 @@ async def _campaign(
 
 async def _state(store: StateStore, campaign: str, node: str, user: str) -> NodeStateRow | None:
     return await store.get_state(NodeKey(campaign, node, user))
-
-
-async def _state_is(store: StateStore, c: str, n: str, u: str, state: str) -> bool:
-    row = await _state(store, c, n, u)
-    return row is not None and row.state == state
 
 
 @pytest.mark.slow
@@ -181,7 +176,7 @@ async def test_audience_rules_and_entry_at_most_once(
         "New": {"new-pro"},
         "Both": {"old-pro", "new-pro"},
     }
-    await wait_for(lambda: _state_is(store, "c-Both", "l-Both", "new-pro", "COMPLETED"))
+    await wait_for(lambda: has_state(store, ("c-Both", "l-Both", "new-pro"), "COMPLETED"))
     # At most once is a database constraint, not only a check in code.
     with pytest.raises(IntegrityError):
         async with store.session() as s:
@@ -200,7 +195,7 @@ async def test_trigger_enters_once_even_when_the_event_repeats(
     await engine.upsert_product_user("u1", ACCT, email="u1@x.test")
     await asyncio.gather(*(engine.record_event("u1", "paid") for _ in range(5)))
     await engine.record_event("u1", "something-else")
-    await wait_for(lambda: _state_is(store, "camp", "l", "u1", "COMPLETED"))
+    await wait_for(lambda: has_state(store, ("camp", "l", "u1"), "COMPLETED"))
     row = await _state(store, "camp", "t", "u1")
     assert row is not None
     assert next(t.reason for t in await store.history(row.id)) == "entered"
@@ -223,12 +218,12 @@ async def test_stop_mid_run_cancels_pending_and_keeps_history(
         await engine.upsert_product_user(u, ACCT, email=f"{u}@stop.test")
     await engine.record_events([EventIn(u, "go") for u in users])
     for u in users:
-        await wait_for(lambda u=u: _state_is(store, "camp", "w", u, "PENDING"))
+        await wait_for(lambda u=u: has_state(store, ("camp", "w", u), "PENDING"))
     assert await engine.stop("camp") == 10
     q = worker.queues
     for u in users:
-        assert await _state_is(store, "camp", "t", u, "COMPLETED")  # history kept
-        assert await _state_is(store, "camp", "w", u, "CANCELLED")
+        assert await has_state(store, ("camp", "t", u), "COMPLETED")  # history kept
+        assert await has_state(store, ("camp", "w", u), "CANCELLED")
         assert await q.job_state(q.execution, execution_job_id("camp", "w", u)) == "unknown"
     assert not [m for m in mailbox.messages if m["To"].endswith("@stop.test")]
 
@@ -246,8 +241,8 @@ async def test_filter_decides_now_with_zero_wait(
     await engine.upsert_product_user("vip", ACCT, traits={"vip": True})
     await engine.upsert_product_user("plain", ACCT, traits={"vip": False})
     await engine.record_events([EventIn("vip", "go"), EventIn("plain", "go")])
-    await wait_for(lambda: _state_is(store, "camp", "yes", "vip", "COMPLETED"))
-    await wait_for(lambda: _state_is(store, "camp", "no", "plain", "COMPLETED"))
+    await wait_for(lambda: has_state(store, ("camp", "yes", "vip"), "COMPLETED"))
+    await wait_for(lambda: has_state(store, ("camp", "no", "plain"), "COMPLETED"))
     f = await _state(store, "camp", "f", "plain")
     assert f is not None and f.state == "TIMEOUT" and f.did_timeout
 
@@ -265,7 +260,7 @@ async def test_trait_update_releases_a_waiting_filter(
     )  # fmt: skip
     await engine.upsert_product_user("u", ACCT, traits={"plan": "free"})
     await engine.record_event("u", "go")
-    await wait_for(lambda: _state_is(store, "camp", "f", "u", "WAITING"))
+    await wait_for(lambda: has_state(store, ("camp", "f", "u"), "WAITING"))
     f = await _state(store, "camp", "f", "u")
     assert f is not None and f.timeout_at is not None
     assert timedelta(minutes=59) < f.timeout_at - utcnow() <= timedelta(hours=1)
@@ -274,7 +269,7 @@ async def test_trait_update_releases_a_waiting_filter(
         await q.job_state(q.timeout, f"timeout-{execution_job_id('camp', 'f', 'u')}") == "delayed"
     )
     await engine.upsert_product_user("u", ACCT, traits={"plan": "pro"})
-    await wait_for(lambda: _state_is(store, "camp", "yes", "u", "COMPLETED"))
+    await wait_for(lambda: has_state(store, ("camp", "yes", "u"), "COMPLETED"))
     assert (
         await q.job_state(q.timeout, f"timeout-{execution_job_id('camp', 'f', 'u')}") == "unknown"
     )
@@ -295,7 +290,7 @@ async def test_webhook_posts_with_an_idempotency_key(
 ) -> None:
     path = f"/ok/{worker.settings.queue_prefix}"
     await _webhook_campaign(worker.engine, http_sink.url + path)
-    await wait_for(lambda: _state_is(store, "camp", "h", "u", "COMPLETED"))
+    await wait_for(lambda: has_state(store, ("camp", "h", "u"), "COMPLETED"))
     (req,) = http_sink.at(path)
     assert req.headers["Idempotency-Key"] == execution_job_id("camp", "h", "u")
     assert req.body["user"]["email"] == "u@hook.test" and req.body["campaign"]["id"] == "camp"
@@ -308,7 +303,7 @@ async def test_webhook_5xx_is_retried(
 ) -> None:
     path = f"/flaky/2/{worker.settings.queue_prefix}"
     await _webhook_campaign(worker.engine, http_sink.url + path)
-    await wait_for(lambda: _state_is(store, "camp", "h", "u", "COMPLETED"), timeout=20)
+    await wait_for(lambda: has_state(store, ("camp", "h", "u"), "COMPLETED"), timeout=20)
     reqs = http_sink.at(path)
     assert len(reqs) == 3 and len({r.headers["Idempotency-Key"] for r in reqs}) == 1
     row = await _state(store, "camp", "h", "u")
@@ -320,7 +315,7 @@ async def test_webhook_4xx_fails_without_retry(
 ) -> None:
     path = f"/status/422/{worker.settings.queue_prefix}"
     await _webhook_campaign(worker.engine, http_sink.url + path)
-    await wait_for(lambda: _state_is(store, "camp", "h", "u", "FAILED"), timeout=10)
+    await wait_for(lambda: has_state(store, ("camp", "h", "u"), "FAILED"), timeout=10)
     await asyncio.sleep(1.5)
     assert len(http_sink.at(path)) == 1
     row = await _state(store, "camp", "h", "u")
@@ -329,7 +324,7 @@ async def test_webhook_4xx_fails_without_retry(
 
 async def test_webhook_network_error_is_retried(worker: SchedulerWorker, store: StateStore) -> None:
     await _webhook_campaign(worker.engine, "http://127.0.0.1:1/hook")
-    await wait_for(lambda: _state_is(store, "camp", "h", "u", "FAILED"), timeout=20)
+    await wait_for(lambda: has_state(store, ("camp", "h", "u"), "FAILED"), timeout=20)
     row = await _state(store, "camp", "h", "u")
     assert row is not None and row.attempts == 3 and row.last_error_type == "WebhookFailed"
 
@@ -351,7 +346,7 @@ async def test_email_retry_after_a_crash_does_not_send_twice(
     )
     await store.upsert_product_user("u", ACCT, email="once@x.test")
     await worker.scheduling.schedule_campaign_node("camp", "m", ACCT, "u", utcnow())
-    await wait_for(lambda: _state_is(store, "camp", "m", "u", "COMPLETED"), timeout=15)
+    await wait_for(lambda: has_state(store, ("camp", "m", "u"), "COMPLETED"), timeout=15)
     row = await _state(store, "camp", "m", "u")
     assert row is not None and row.attempts == 2
     (msg,) = mailbox.to("once@x.test")
@@ -370,7 +365,7 @@ async def test_template_injection_fails_the_node_and_sends_nothing(
     )  # fmt: skip
     await engine.upsert_product_user("u", ACCT, email="victim@x.test")
     await engine.record_event("u", "go")
-    await wait_for(lambda: _state_is(store, "camp", "e", "u", "FAILED"))
+    await wait_for(lambda: has_state(store, ("camp", "e", "u"), "FAILED"))
     row = await _state(store, "camp", "e", "u")
     assert row is not None and row.attempts == 1 and "not allowed" in (row.last_error or "")
     assert mailbox.to("victim@x.test") == []
@@ -421,7 +416,7 @@ async def test_batch_events_and_counts(worker: SchedulerWorker, store: StateStor
         await engine.upsert_product_user(f"b{i}", ACCT)
     await engine.record_events([EventIn(f"b{i}", "go", {"n": i}) for i in range(30)] * 2)
     for i in range(30):
-        await wait_for(lambda i=i: _state_is(store, "camp", "l", f"b{i}", "COMPLETED"))
+        await wait_for(lambda i=i: has_state(store, ("camp", "l", f"b{i}"), "COMPLETED"))
     rows = await store.list_states({"COMPLETED"}, campaign_id="camp", limit=1000)  # type: ignore[arg-type]
     assert Counter(r.node_id for r in rows) == {"t": 30, "l": 30}
 
@@ -440,7 +435,7 @@ async def test_webhook_timeout_is_retried(
     )
     await worker.engine.upsert_product_user("u", ACCT)
     await worker.engine.record_event("u", "go")
-    await wait_for(lambda: _state_is(store, "camp", "h", "u", "COMPLETED"), timeout=20)
+    await wait_for(lambda: has_state(store, ("camp", "h", "u"), "COMPLETED"), timeout=20)
     row = await _state(store, "camp", "h", "u")
     assert row is not None and row.attempts == 2 and row.last_error_type == "WebhookFailed"
     assert "ReadTimeout" in (row.last_error or "")
@@ -487,4 +482,4 @@ async def test_reconciler_queues_successors_a_dead_worker_left(
     assert await q.job_state(q.execution, execution_job_id("camp", "b", "u")) == "unknown"
     report = await worker.reconciler.run_once()
     assert report.requeued >= 1
-    await wait_for(lambda: _state_is(store, "camp", "b", "u", "COMPLETED"))
+    await wait_for(lambda: has_state(store, ("camp", "b", "u"), "COMPLETED"))

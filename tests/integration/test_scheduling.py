@@ -15,7 +15,7 @@ from campaign_scheduler.states import CampaignState
 from campaign_scheduler.store import NodeKey, StateStore
 from campaign_scheduler.timewindows import utcnow
 from campaign_scheduler.worker import SchedulerWorker
-from tests.conftest import Calls, Visit, make_visit, wait_for
+from tests.conftest import Calls, Visit, has_state, make_visit, wait_for
 
 
 async def _state(store: StateStore, v: Visit) -> NodeStateRow:
@@ -29,16 +29,11 @@ async def _reasons(store: StateStore, v: Visit) -> list[tuple[str | None, str, s
     return [(t.from_state, t.to_state, t.reason) for t in await store.history(row.id)]
 
 
-async def _is(store: StateStore, v: Visit, state: str) -> bool:
-    row = await store.get_state(NodeKey(*v.key))
-    return row is not None and row.state == state
-
-
 async def test_node_runs_at_its_due_time(worker: SchedulerWorker, store: StateStore) -> None:
     (v,) = await make_visit(store)
     due = utcnow() + timedelta(seconds=2)
     await worker.scheduling.schedule_campaign_node(*v.key[:2], v.user_id, v.product_user_id, due)
-    await wait_for(lambda: _is(store, v, "COMPLETED"), timeout=15)
+    await wait_for(lambda: has_state(store, v.key, "COMPLETED"), timeout=15)
     row = await _state(store, v)
     started = next(t for t in await store.history(row.id) if t.to_state == "RUNNING").at
     assert timedelta(0) <= started - due < timedelta(milliseconds=500)
@@ -54,7 +49,7 @@ async def test_run_time_in_the_past_runs_now(worker: SchedulerWorker, store: Sta
     (v,) = await make_visit(store)
     past = utcnow() - timedelta(hours=3)
     await worker.scheduling.schedule_campaign_node(*v.key[:2], v.user_id, v.product_user_id, past)
-    await wait_for(lambda: _is(store, v, "COMPLETED"), timeout=10)
+    await wait_for(lambda: has_state(store, v.key, "COMPLETED"), timeout=10)
 
 
 async def test_bad_input_is_refused_and_nothing_is_written(
@@ -91,7 +86,7 @@ async def test_reschedule_replaces_the_delayed_job(
     )
     soon = utcnow() + timedelta(seconds=1)
     await s.schedule_campaign_node(*v.key[:2], v.user_id, v.product_user_id, soon)
-    await wait_for(lambda: _is(store, v, "COMPLETED"), timeout=10)
+    await wait_for(lambda: has_state(store, v.key, "COMPLETED"), timeout=10)
     reasons = [r for _, _, r in await _reasons(store, v)]
     assert reasons == ["scheduled", "scheduled", "started", "completed"]
 
@@ -121,7 +116,7 @@ async def test_retry_with_backoff_then_success(
     await worker.scheduling.schedule_campaign_node(
         *v.key[:2], v.user_id, v.product_user_id, utcnow()
     )
-    await wait_for(lambda: _is(store, v, "COMPLETED"), timeout=20)
+    await wait_for(lambda: has_state(store, v.key, "COMPLETED"), timeout=20)
     row = await _state(store, v)
     assert row.attempts == 3 and calls.count(v.key) == 1
     assert row.last_error_type == "RuntimeError"
@@ -142,7 +137,7 @@ async def test_last_attempt_failure_is_failed(worker: SchedulerWorker, store: St
     await worker.scheduling.schedule_campaign_node(
         *v.key[:2], v.user_id, v.product_user_id, utcnow()
     )
-    await wait_for(lambda: _is(store, v, "FAILED"), timeout=20)
+    await wait_for(lambda: has_state(store, v.key, "FAILED"), timeout=20)
     row = await _state(store, v)
     assert row.attempts == 3 and "attempt 3" in (row.last_error or "")
     q = worker.queues
@@ -162,7 +157,7 @@ async def test_non_retryable_error_fails_at_once(
     await worker.scheduling.schedule_campaign_node(
         *v.key[:2], v.user_id, v.product_user_id, utcnow()
     )
-    await wait_for(lambda: _is(store, v, "FAILED"), timeout=10)
+    await wait_for(lambda: has_state(store, v.key, "FAILED"), timeout=10)
     row = await _state(store, v)
     assert row.attempts == 1 and row.last_error_type == "NonRetryableError"
 
@@ -174,7 +169,7 @@ async def test_unknown_node_kind_fails_with_the_fix(
     await worker.scheduling.schedule_campaign_node(
         *v.key[:2], v.user_id, v.product_user_id, utcnow()
     )
-    await wait_for(lambda: _is(store, v, "FAILED"), timeout=10)
+    await wait_for(lambda: has_state(store, v.key, "FAILED"), timeout=10)
     row = await _state(store, v)
     assert "no handler for node kind 'Teleport'" in (row.last_error or "")
 
@@ -189,7 +184,7 @@ async def test_duplicate_jobs_run_the_node_once(
     job = await worker.queues.execution.getJob(row.job_id)
     for i in range(4):
         await worker.queues.execution.add("execute", job.data, {"jobId": f"dup{i}-{row.job_id}"})
-    await wait_for(lambda: _is(store, v, "COMPLETED"), timeout=10)
+    await wait_for(lambda: has_state(store, v.key, "COMPLETED"), timeout=10)
     await asyncio.sleep(1.0)
     assert calls.count(v.key) == 1 and calls.started[v.key] == 1
     completed = [t for t in await store.history(row.id) if t.to_state == "COMPLETED"]
@@ -205,7 +200,7 @@ async def test_timeout_racing_an_execution_one_terminal_state(
     await s.schedule_timeout(
         *v.key[:2], v.user_id, v.product_user_id, utcnow() + timedelta(seconds=0.5)
     )
-    await wait_for(lambda: _is(store, v, "TIMEOUT"), timeout=10)
+    await wait_for(lambda: has_state(store, v.key, "TIMEOUT"), timeout=10)
     await asyncio.sleep(2.0)  # let the handler finish and try to complete
     row = await _state(store, v)
     assert row.state == "TIMEOUT" and row.did_timeout and calls.count(v.key) == 1
@@ -221,7 +216,7 @@ async def test_timeout_after_completion_is_left_alone(
     soon = utcnow() + timedelta(seconds=0.5)
     await s.schedule_campaign_node(*v.key[:2], v.user_id, v.product_user_id, soon)
     await s.schedule_timeout(*v.key[:2], v.user_id, v.product_user_id, soon + timedelta(seconds=1))
-    await wait_for(lambda: _is(store, v, "COMPLETED"), timeout=10)
+    await wait_for(lambda: has_state(store, v.key, "COMPLETED"), timeout=10)
     q = worker.queues
     await wait_for(
         lambda: _eq(q.job_state(q.timeout, f"timeout-{execution_job_id(*v.key)}"), "completed")
@@ -241,7 +236,7 @@ async def test_timeout_of_a_waiting_node(
     await s.schedule_timeout(
         *v.key[:2], v.user_id, v.product_user_id, utcnow() + timedelta(seconds=1)
     )
-    await wait_for(lambda: _is(store, v, "TIMEOUT"), timeout=10)
+    await wait_for(lambda: has_state(store, v.key, "TIMEOUT"), timeout=10)
     q = worker.queues
     assert await q.job_state(q.execution, execution_job_id(*v.key)) == "unknown"  # removed
     row = await _state(store, v)
@@ -256,7 +251,7 @@ async def test_stopped_campaign_does_not_execute(
         *v.key[:2], v.user_id, v.product_user_id, utcnow() + timedelta(seconds=1)
     )
     await store.set_campaign_state(v.campaign_id, CampaignState.STOPPED)
-    await wait_for(lambda: _is(store, v, "CANCELLED"), timeout=10)
+    await wait_for(lambda: has_state(store, v.key, "CANCELLED"), timeout=10)
     assert calls.count(v.key) == 0
 
 
@@ -301,7 +296,7 @@ async def test_redis_down_keeps_the_state_and_says_so(
         assert row.state == "PENDING"  # written first: the reconciler will enqueue it
         report = await worker.reconciler.run_once()
         assert report.requeued >= 1
-        await wait_for(lambda: _is(store, v, "COMPLETED"), timeout=10)
+        await wait_for(lambda: has_state(store, v.key, "COMPLETED"), timeout=10)
     finally:
         await dead.close()
 
@@ -315,7 +310,7 @@ async def test_one_transition_row_per_state_change(
             *v.key[:2], v.user_id, v.product_user_id, utcnow()
         )
     for v in visits:
-        await wait_for(lambda v=v: _is(store, v, "COMPLETED"), timeout=20)
+        await wait_for(lambda v=v: has_state(store, v.key, "COMPLETED"), timeout=20)
     async with store.session() as s:
         n = await s.scalar(
             select(func.count())
