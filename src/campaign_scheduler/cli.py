@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__, logs
 from .config import Settings, load_settings
@@ -19,6 +20,9 @@ from .errors import SchedulerError
 from .processors import default_registry
 from .store import StateStore
 from .timewindows import ensure_utc, utcnow
+
+if TYPE_CHECKING:  # the worker module is imported lazily: `--help` stays fast
+    from .worker import SchedulerWorker
 
 
 def _say(msg: str) -> None:
@@ -38,10 +42,9 @@ def _fmt(t: NodeTransition) -> str:
 # ---- run: everything on embedded defaults --------------------------------------------------
 
 
-async def _seed_demo(worker: object, store: StateStore, users: int) -> list[tuple[str, datetime]]:
-    from .worker import SchedulerWorker
-
-    assert isinstance(worker, SchedulerWorker)
+async def _seed_demo(
+    worker: SchedulerWorker, store: StateStore, users: int
+) -> list[tuple[str, datetime]]:
     stamp = utcnow().strftime("%Y%m%d%H%M%S")
     campaign_id = f"demo-{stamp}"
     await store.create_campaign(
